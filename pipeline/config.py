@@ -1,0 +1,322 @@
+"""reverie's configuration: one TOML file, validated by pydantic, one section per concern.
+
+Every field is typed and documented (``Field(description=...)``); unknown keys are rejected
+with a message naming the key and its section. CLI flags override file values through
+:func:`apply_overrides` (dotted keys, e.g. ``dream.iterations=50``).
+
+Sections and who reads them (data flows one way):
+``[project]`` store location · ``[model]`` / ``[sae]`` / ``[targets]`` → ``sae_targets`` ·
+``[dream]`` → ``stages.dream`` · ``[scan]`` → ``stages.scan`` · ``[compare]`` → ``stages.compare`` ·
+``[explain]`` → ``stages.explain`` · ``[report]`` → ``reports`` · ``[run]`` → ``pipeline.orchestrate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+from pipeline.paths import expand
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProjectConfig(Section):
+    dir: str = Field("runs/demo", description="Project directory: holds reverie.duckdb, logs, checkpoints and reports. Relative paths are relative to the working directory.")
+
+    @property
+    def path(self) -> Path:
+        return Path(expand(self.dir)).resolve()
+
+
+class ModelConfig(Section):
+    name: str | None = Field(None, description="transformer_lens official model name (e.g. 'gpt2-small'), loaded from the Hugging Face hub. Mutually exclusive with `path`.")
+    path: str | None = Field("{shared}/models/tinystories-656k", description="Local Hugging Face model directory (config.json + weights + tokenizer). '{shared}' expands to the shared data folder.")
+    device: str = Field("cpu", description="torch device for the subject model and SAE: 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype of the subject model.")
+    tokenizer_no_prefix_space: bool = Field(True, description="Replace a SentencePiece-style normalizer that prepends '▁' by Replace(' ', '▁'): right for models trained without the dummy prefix, such as the demo model. Set false for Llama-2-style tokenizers.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if self.name and self.path:
+            raise ValueError("give either model.name (hub) or model.path (local directory), not both; set the other to \"\"")
+        if not self.name and not self.path:
+            raise ValueError("set model.name (a transformer_lens official name) or model.path (a local Hugging Face directory)")
+        return self
+
+    @field_validator("name", "path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+
+class SAEConfig(Section):
+    release: str | None = Field(None, description="sae-lens registry release (e.g. 'gpt2-small-res-jb'); used with `sae_id`.")
+    sae_id: str | None = Field(None, description="SAE id inside the release (e.g. 'blocks.6.hook_resid_pre').")
+    path: str | None = Field("{shared}/saes/tinystories-656k-res/jumprelu-2048", description="Local sae-lens directory (cfg.json + sae_weights.safetensors [+ sparsity.safetensors]).")
+    expected_model: str | None = Field(None, description="Model name the SAE must have been trained on; a mismatch warns. Default: the model's name.")
+
+    @field_validator("release", "sae_id", "path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SAEConfig":
+        if self.path and (self.release or self.sae_id):
+            raise ValueError("give either sae.path (local directory) or sae.release + sae.sae_id (registry), not both")
+        if not self.path and not (self.release and self.sae_id):
+            raise ValueError("set sae.path, or both sae.release and sae.sae_id")
+        return self
+
+    @property
+    def identity(self) -> str:
+        """A stable string naming this SAE: 'release/sae_id' or the resolved path."""
+        if self.path:
+            return str(Path(expand(self.path)).resolve())
+        return f"{self.release}/{self.sae_id}"
+
+
+class TargetsConfig(Section):
+    latents: list[int] = Field(default_factory=list, description="Explicit latent ids. When non-empty, random selection is off.")
+    n_random: int = Field(8, ge=0, description="Number of random alive latents to draw when `latents` is empty.")
+    seed: int | None = Field(0, description="Seed of the random latent draw. None (omit) = today's date as YYYYMMDD.")
+    log10_density_min: float = Field(-4.0, description="Alive floor: a latent is drawn only if log10(firing density) > this.")
+    log10_density_max: float = Field(-1.0, description="Dense ceiling: latents with log10(density) >= this are not drawn (dense latents are rarely interpretable).")
+    density_scan_tokens: int = Field(20_000, ge=1, description="Tokens of the configured corpus to scan for densities when the SAE has no sparsity.safetensors.")
+    combinations: list[list[int]] = Field(default_factory=list, description="Multi-latent targets: each a list of latent ids (at the same position) optimized together with `combine`.")
+    combine: Literal["lp", "sum", "min"] = Field("lp", description="How several latents combine into one objective: lp = (Σ relu(a_j+offset)^p)^(1/p), sum, or min.")
+    p: float = Field(0.1, gt=0, lt=1, description="Exponent of the lp combination (p < 1 so one latent cannot be traded away for another).")
+    offset: float = Field(1.0, description="Offset added before the ReLU of the lp combination, so negative activations still get a gradient.")
+    quantity: Literal["pre", "post", "projection"] = Field("pre", description="What the objective reads: SAE pre-activation, post-activation (architecture-aware), or projection on the unit decoder direction.")
+    reduce: Literal["last", "max"] = Field("last", description="Read the latent at the last prompt token, or the max over optimized positions.")
+
+
+class EPOConfig(Section):
+    """Evolutionary Prompt Optimization hyper-parameters. Defaults: Thompson et al. (2024), Table 1."""
+
+    iterations: int = Field(300, ge=1, description="T: iterations of EPO.")
+    population: int = Field(8, ge=1, description="M: population size, one λ per slot.")
+    n_tokens: int = Field(12, ge=1, description="n: optimized prompt length in tokens.")
+    lambda_min: float = Field(0.1, gt=0, description="Smallest fluency weight λ (λ_i are log-spaced from min to max).")
+    lambda_max: float = Field(10.0, gt=0, description="Largest fluency weight λ.")
+    children: int = Field(32, ge=1, description="r: children per population member per iteration.")
+    topk: int = Field(512, ge=1, description="k: gradient top-k candidate tokens per position (capped at the allowed vocabulary).")
+    restart_every: int = Field(30, ge=0, description="T_restart: iterations between restarts (0 = never).")
+    restart_lambda_min: float = Field(0.667, description="λ_r,min: restart λ is drawn uniformly in [min, max].")
+    restart_lambda_max: float = Field(6.0, description="λ_r,max.")
+    time_budget_s: float | None = Field(None, description="Wall-clock budget per EPO run in seconds (None = no limit).")
+    early_stop_patience: int | None = Field(None, description="Stop when the frontier has not improved for this many iterations (None = off).")
+    batch_size: int | None = Field(None, description="Children evaluated per forward pass (None = adapt to memory).")
+    prefix_cache: bool = Field(True, description="Evaluate children from their parent's cached keys/values before the first edited position.")
+    # augmentations from the follow-up post (off by default)
+    p_logit_proposals: float = Field(0.0, ge=0, le=1, description="Probability a child's token is sampled from the model's own next-token logits at temperature U(0,2).")
+    p_no_topk_mask: float = Field(0.0, ge=0, le=1, description="Probability the gradient top-k mask is not applied to a logit proposal.")
+    p_extra_resample: float = Field(0.0, ge=0, le=1, description="Probability each extra position is also resampled (the post uses 1.5/n).")
+    p_swap: float = Field(0.0, ge=0, le=1, description="Probability two positions swap tokens.")
+    # prompt template
+    prefix: str = Field("", description="Fixed text before the optimized tokens (context, never scored).")
+    suffix: str = Field("", description="Fixed text after the optimized tokens.")
+    init_text: str | None = Field(None, description="Initial prompt text (else random allowed tokens).")
+    banned_tokens: list[str] = Field(default_factory=list, description="Token strings that may never enter a prompt (special tokens are always banned).")
+    retokenize_filter: bool = Field(False, description="Reject candidates whose decoded text re-encodes to different ids.")
+    history_every: int = Field(25, ge=1, description="Record the frontier every this many iterations (for the frontier-evolution plot).")
+
+
+class DreamConfig(EPOConfig):
+    seeds: list[int] = Field(default_factory=lambda: [0], description="EPO seeds per target; their frontiers merge.")
+    attribution_topk: int = Field(32, ge=1, description="Gradient top-k substitutions evaluated per position for token attribution (paper Fig. 1).")
+    attribution_prompts: int = Field(3, ge=0, description="How many of the highest-activation frontier prompts get token attribution.")
+
+
+class CorpusConfig(Section):
+    hf_dataset: str | None = Field(None, description="Hugging Face dataset streamed with `datasets` (production: 'monology/pile-uncopyrighted'). Mutually exclusive with `path`.")
+    hf_split: str = Field("train", description="Split of the hub dataset.")
+    path: str | None = Field("{shared}/corpora/tinystories-train.jsonl", description="Local corpus: a .jsonl / .parquet / .txt file or a folder of them.")
+    text_column: str = Field("text", description="Column / JSON key holding the document text.")
+
+    @field_validator("hf_dataset", "path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CorpusConfig":
+        if bool(self.hf_dataset) == bool(self.path):
+            raise ValueError("set exactly one of corpus.hf_dataset (hub) and corpus.path (local file or folder)")
+        return self
+
+
+class ScanConfig(Section):
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Where the scan reads text.")
+    context_size: int | None = Field(None, description="Tokens per context (None = the SAE's context size).")
+    max_tokens: int = Field(200_000, ge=1, description="Token budget of the scan.")
+    batch_size: int = Field(32, ge=1, description="Contexts per forward pass.")
+    top_k: int = Field(64, ge=1, description="Top-activating contexts kept per latent.")
+    example_window: int = Field(24, ge=2, description="Tokens shown around each example's max (before it, and a few after).")
+    quantile_samples: int = Field(5, ge=0, description="Examples kept per activation decile (for explanation scoring).")
+    random_samples: int = Field(20, ge=0, description="Random non-firing contexts kept per latent.")
+    hist_bins: int = Field(50, ge=2, description="Bins of the activation histogram.")
+    window_ce_samples: int = Field(1024, ge=1, description="Random dream-length windows used for the corpus CE mean ± σ.")
+    baseline_prompts: int = Field(1024, ge=1, description="Random-token prompts of dream length for the random-prompt baseline (paper §3.5).")
+    checkpoint_every: int = Field(20, ge=1, description="Batches between resumable checkpoints.")
+    all_latents: bool = Field(False, description="Scan all d_sae latents instead of only the targets.")
+
+
+class CompareConfig(Section):
+    ce_limit: float = Field(4.0, description="Fixed CE limit (nats/token) for 'best at CE ≤ limit' (paper Fig. 3 discussion).")
+    attribution_top_tokens: int = Field(3, ge=1, description="Most important dream tokens (by attribution) used for the overlap metric.")
+
+
+class ExplainConfig(Section):
+    enabled: bool = Field(True, description="Run the explain stage when credentials exist (otherwise skipped with one line).")
+    model: str = Field("gpt-4o-mini", description="Chat model name at the endpoint.")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (the key itself never goes in config).")
+    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts / connection errors (exponential backoff with jitter).")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature.")
+    budget_tokens: int | None = Field(None, description="Stop the stage cleanly after this many total tokens in this run.")
+    budget_usd: float | None = Field(None, description="Stop the stage cleanly after this estimated cost in USD.")
+    price_per_mtok_in: float = Field(0.15, ge=0, description="USD per million prompt tokens (cost estimate).")
+    price_per_mtok_out: float = Field(0.60, ge=0, description="USD per million completion tokens.")
+    n_examples: int = Field(20, ge=1, description="Examples (or dreams) shown per explanation prompt.")
+    n_holdout: int = Field(10, ge=1, description="Held-out examples per class for detection scoring.")
+
+
+class ReportConfig(Section):
+    out: str | None = Field(None, description="Report folder (default: <project dir>/reports).")
+    dreams_shown: int = Field(30, ge=1, description="Frontier prompts listed per latent page.")
+    examples_shown: int = Field(20, ge=1, description="Dataset examples listed per latent page.")
+
+
+class RunConfig(Section):
+    executor: Literal["local", "ray"] = Field("local", description="Where dream units run: in-process, or as Ray tasks.")
+    ray_address: str | None = Field(None, description="Ray cluster address (None = start a local cluster).")
+    ray_num_workers: int = Field(2, ge=1, description="Ray: concurrent dream tasks (actors) when starting a local cluster.")
+    ray_num_cpus_per_task: float = Field(1.0, gt=0, description="Ray: CPUs per dream task.")
+    ray_num_gpus_per_task: float = Field(0.0, ge=0, description="Ray: GPUs per dream task (e.g. 1).")
+    run_id: str | None = Field(None, description="Run id (default: 'nightly-<date>'); rerunning the same id resumes it.")
+
+
+class ReverieConfig(Section):
+    """The whole configuration. Load with :func:`load_config`."""
+
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    dream: DreamConfig = Field(default_factory=DreamConfig)
+    scan: ScanConfig = Field(default_factory=ScanConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (defaults included), JSON/TOML-serializable."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 (hex, 16 chars) of the named sections (all if none): a content key for caching."""
+        data = self.to_toml_dict()
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        if e["type"] == "extra_forbidden":
+            key = loc[-1]
+            section = ".".join(loc[:-1]) or "top level"
+            lines.append(f"  unknown key '{key}' in section [{section}]; check the spelling against `reverie config show`")
+        else:
+            where = ".".join(loc) or "top level"
+            lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override {dotted!r}: '{k}' is not a section")
+    cur[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ReverieConfig:
+    """Read a TOML config, apply dotted-key overrides (CLI flags win), validate.
+
+    Args:
+        path: TOML file; None = all defaults (the bundled demo's values).
+        overrides: ``{"dream.iterations": 50, ...}``; ``None`` values are ignored.
+
+    Raises:
+        ConfigError: missing/unparsable file, unknown key (names key and section), bad value.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}. Pass an existing TOML file, e.g. --config configs/demo.toml")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return ReverieConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_toml(cfg: ReverieConfig) -> str:
+    """Render the effective configuration as TOML text (None values are omitted as TOML has no null)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    out: list[str] = []
+
+    def section(name: str, d: dict[str, Any]) -> None:
+        out.append(f"[{name}]")
+        subs = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                subs.append((f"{name}.{k}", v))
+            elif v is None:
+                out.append(f"# {k} = (unset)")
+            else:
+                out.append(f"{k} = {fmt(v)}")
+        out.append("")
+        for n, sd in subs:
+            section(n, sd)
+
+    for name, d in cfg.to_toml_dict().items():
+        section(name, d)
+    return "\n".join(out)

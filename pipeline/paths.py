@@ -1,0 +1,51 @@
+"""Where reverie finds its data: the shared folder and the project directory.
+
+The shared folder holds real models, SAEs and corpora (never copied into the repo). Its
+location is ``$REVERIE_SHARED`` when set, else ``../shared`` beside the repository root.
+Config strings may contain ``{shared}``, which expands to that folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+SHARED_ENV = "REVERIE_SHARED"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir(must_exist: bool = True) -> Path:
+    """Return the shared data folder.
+
+    Returns:
+        Absolute path: ``$REVERIE_SHARED`` if set, else ``<repo>/../shared``.
+
+    Raises:
+        ConfigError: ``must_exist`` and the folder is missing; the message says where it
+            looked and which variable to set.
+    """
+    env = os.environ.get(SHARED_ENV)
+    path = Path(env).expanduser().resolve() if env else (REPO_ROOT.parent / "shared").resolve()
+    if must_exist and not path.is_dir():
+        how = f"${SHARED_ENV}={env!r}" if env else f"the default beside the repository ({REPO_ROOT.parent}/shared)"
+        raise ConfigError(
+            f"shared data folder not found: looked at {path} ({how}). "
+            f"Set the environment variable {SHARED_ENV} to the folder that holds models/, saes/ and corpora/, "
+            "or give absolute paths in the config instead of '{shared}/...'."
+        )
+    return path
+
+
+def expand(value: str | None) -> str | None:
+    """Expand ``{shared}`` and ``~`` in a config path string; ``None`` passes through.
+
+    Raises:
+        ConfigError: the string uses ``{shared}`` and the shared folder is missing.
+    """
+    if value is None:
+        return None
+    if "{shared}" in value:
+        value = value.replace("{shared}", str(shared_dir()))
+    return os.path.expanduser(value)

@@ -1,0 +1,362 @@
+"""Load the subject model (transformer_lens) and the SAE (sae-lens), check that they fit.
+
+The result is a :class:`Subject`: model + tokenizer + SAE + what every stage needs to know
+about them (hook point, layer, BOS policy, context size, identities). Hub paths
+(``HookedTransformer.from_pretrained``, ``SAE.from_pretrained``) are the real ones; offline
+they fail within seconds with an error that names the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ModelConfig, SAEConfig
+from pipeline.errors import LoadError, TargetError
+from pipeline.hub import check_hub_reachable, hub_offline, offline_error
+from pipeline.paths import expand
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Subject:
+    """A loaded subject model and SAE, checked to fit each other.
+
+    Attributes:
+        model: transformer_lens ``HookedTransformer`` in eval mode, gradients off for weights.
+        tokenizer: the model's Hugging Face tokenizer (right padding).
+        sae: sae-lens ``SAE`` on the model's device.
+        hook_name: hook point the SAE reads, e.g. ``blocks.1.hook_resid_pre``.
+        layer: block index of the hook; run the model with ``stop_at_layer=layer + 1``.
+        prepend_bos: whether prompts start with BOS (from the SAE's metadata).
+        context_size: SAE training context length in tokens.
+        model_key / sae_key: stable identities ('name' or resolved path; 'release/id' or path).
+        neuronpedia_id: Neuronpedia id from the SAE metadata, if any.
+        log10_density: per-latent log10 firing frequency, shape [d_sae], float32 (sparsity file), or None.
+    """
+
+    model: Any
+    tokenizer: Any
+    sae: Any
+    hook_name: str
+    layer: int
+    prepend_bos: bool
+    context_size: int
+    model_key: str
+    sae_key: str
+    neuronpedia_id: str | None = None
+    log10_density: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.cfg.device if isinstance(self.model.cfg.device, torch.device) else torch.device(self.model.cfg.device)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae.cfg.d_in)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.sae.cfg.architecture())
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.cfg.d_vocab)
+
+    def special_ids(self) -> set[int]:
+        """Ids of BOS, EOS, PAD, UNK and every added special token (never put in a dream)."""
+        tok = self.tokenizer
+        ids = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if i is not None}
+        ids.update(int(i) for i in getattr(tok, "all_special_ids", []) or [])
+        for t, i in (getattr(tok, "added_tokens_encoder", {}) or {}).items():
+            ids.add(int(i))
+        return {i for i in ids if 0 <= i < self.vocab_size}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS or any special token added."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode_tokens(self, ids: list[int]) -> list[str]:
+        """Each id decoded alone (for per-token display)."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """Prepend BOS when the SAE's metadata says ``prepend_bos`` (and the tokenizer has one)."""
+        if self.prepend_bos and self.bos_id is not None:
+            return [self.bos_id, *ids]
+        return list(ids)
+
+
+# --------------------------------------------------------------------------- model
+
+def load_tokenizer(model_dir: Path, no_prefix_space: bool = False) -> Any:
+    """Load a local Hugging Face tokenizer with BOS added and right padding.
+
+    ``no_prefix_space`` replaces a SentencePiece-style normalizer (which prepends '▁' to the
+    text) by a plain ``Replace(' ', '▁')``, for models trained without the dummy prefix
+    (the demo TinyStories model; see shared/README.md).
+
+    Raises:
+        LoadError: no tokenizer files in ``model_dir``.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if (model_dir / "tokenizer.json").exists():
+            tok = PreTrainedTokenizerFast.from_pretrained(str(model_dir), add_bos_token=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - report any tokenizer failure with the folder
+        raise LoadError(f"cannot load a tokenizer from {model_dir}: {e}. The folder needs tokenizer.json or tokenizer files.") from None
+    if no_prefix_space:
+        from tokenizers import normalizers
+
+        tok.backend_tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tok.padding_side = "right"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def _neutral_dir(model_dir: Path) -> Path:
+    """transformer_lens treats a path containing 'llama'/'gemma' specially and skips its
+    config.json; give it a symlink with a neutral name instead."""
+    if re.search(r"llama|gemma", str(model_dir), re.IGNORECASE):
+        tmp = Path(tempfile.mkdtemp(prefix="reverie-model-")) / "model"
+        tmp.symlink_to(model_dir.resolve(), target_is_directory=True)
+        return tmp
+    return model_dir
+
+
+def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, Any, str]:
+    """Load the subject model as a transformer_lens ``HookedTransformer``.
+
+    Args:
+        cfg: ``[model]`` section: ``name`` (hub) or ``path`` (local HF directory), device, dtype.
+        no_prefix_space: see :func:`load_tokenizer`.
+
+    Returns:
+        ``(model, tokenizer, model_key)``; the model is in eval mode with weights frozen.
+
+    Raises:
+        OfflineError: a hub name while the hub is unreachable.
+        LoadError: missing folder, missing config.json, unreadable or corrupt weights.
+    """
+    from transformer_lens import HookedTransformer
+
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.name:
+        fix = "Set model.path to a local Hugging Face model directory (e.g. '{shared}/models/tinystories-656k'), or fill the HF cache while online."
+        check_hub_reachable(f"model {cfg.name!r}", fix)
+        try:
+            model = HookedTransformer.from_pretrained(cfg.name, device=cfg.device, dtype=dtype)
+        except Exception as e:  # noqa: BLE001
+            if hub_offline():
+                raise offline_error(f"model {cfg.name!r}", fix, e) from None
+            raise LoadError(f"cannot load model {cfg.name!r} from the hub: {e}") from None
+        model.eval()
+        model.requires_grad_(False)
+        return model, model.tokenizer, cfg.name
+
+    model_dir = Path(expand(cfg.path)).resolve()
+    if not model_dir.is_dir():
+        raise LoadError(f"model directory not found: {model_dir}. Set model.path to a local Hugging Face model folder, or model.name for the hub.")
+    if not (model_dir / "config.json").exists():
+        raise LoadError(f"{model_dir} has no config.json: not a Hugging Face model directory.")
+    from transformer_lens import loading_from_pretrained as lfp
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_dir, no_prefix_space)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"cannot read the model weights in {model_dir}: {type(e).__name__}: {e}. The weight file may be corrupt or truncated; restore it.") from None
+    neutral = _neutral_dir(model_dir)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tl_cfg = lfp.get_pretrained_model_config(str(neutral), device=cfg.device, dtype=dtype, fold_ln=False)
+            model = HookedTransformer(tl_cfg, tokenizer=tok, move_to_device=False)
+            state = lfp.get_pretrained_state_dict(str(neutral), tl_cfg, hf_model=hf_model, dtype=dtype)
+            model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"transformer_lens cannot build a HookedTransformer from {model_dir}: {type(e).__name__}: {e}") from None
+    model.to(cfg.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok, str(model_dir)
+
+
+# --------------------------------------------------------------------------- SAE
+
+def registry_names() -> dict[str, list[str]]:
+    """sae-lens's registry as data: ``{release: [sae_id, ...]}``."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return {rel: list(info.saes_map.keys()) for rel, info in get_pretrained_saes_directory().items()}
+
+
+def check_registry(release: str, sae_id: str) -> None:
+    """Check ``release``/``sae_id`` exist in sae-lens's registry.
+
+    Raises:
+        LoadError: unknown release or id; the message lists the closest valid names.
+    """
+    names = registry_names()
+    if release not in names:
+        close = difflib.get_close_matches(release, list(names), n=5, cutoff=0.3)
+        raise LoadError(f"unknown sae-lens release {release!r}. Closest releases: {', '.join(close) or '(none)'}. See sae_lens/pretrained_saes.yaml for all.")
+    ids = names[release]
+    if sae_id not in ids:
+        close = difflib.get_close_matches(sae_id, ids, n=5, cutoff=0.3)
+        raise LoadError(f"unknown sae_id {sae_id!r} in release {release!r}. Closest ids: {', '.join(close) or ', '.join(ids[:5])}.")
+
+
+def load_sae(cfg: SAEConfig, device: str) -> tuple[Any, str, torch.Tensor | None]:
+    """Load an SAE with sae-lens, from a local directory or the registry.
+
+    Returns:
+        ``(sae, sae_key, log10_density)``; ``log10_density`` is float32 [d_sae] from
+        ``sparsity.safetensors`` (or the registry's sparsity) when available, else None.
+
+    Raises:
+        LoadError: missing/corrupt files, unknown release/id (with the closest names).
+        OfflineError: a registry SAE while the hub is unreachable.
+    """
+    from sae_lens import SAE
+
+    if cfg.path:
+        sae_dir = Path(expand(cfg.path)).resolve()
+        if not sae_dir.is_dir():
+            raise LoadError(f"SAE directory not found: {sae_dir}. Set sae.path to a sae-lens folder (cfg.json + sae_weights.safetensors) or use sae.release + sae.sae_id.")
+        for f in ("cfg.json", "sae_weights.safetensors"):
+            if not (sae_dir / f).exists():
+                raise LoadError(f"{sae_dir} has no {f}: not a sae-lens SAE directory.")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sae = SAE.load_from_disk(str(sae_dir), device=device)
+        except Exception as e:  # noqa: BLE001
+            raise LoadError(f"cannot load the SAE in {sae_dir}: {type(e).__name__}: {e}. cfg.json or sae_weights.safetensors may be corrupt; restore them.") from None
+        density = None
+        sp = sae_dir / "sparsity.safetensors"
+        if sp.exists():
+            from safetensors.torch import load_file
+
+            try:
+                tensors = load_file(str(sp))
+            except Exception as e:  # noqa: BLE001
+                raise LoadError(f"cannot read {sp}: {e}. Restore or delete it (densities then come from a corpus scan).") from None
+            density = next(iter(tensors.values())).float().cpu() if "sparsity" not in tensors else tensors["sparsity"].float().cpu()
+        return sae, str(sae_dir), density
+
+    check_registry(cfg.release, cfg.sae_id)
+    fix = "Set sae.path to a local sae-lens directory (e.g. '{shared}/saes/tinystories-656k-res/jumprelu-2048'), or fill the HF cache while online."
+    what = f"SAE {cfg.release}/{cfg.sae_id}"
+    check_hub_reachable(what, fix)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(cfg.release, cfg.sae_id, device=device)
+    except Exception as e:  # noqa: BLE001
+        if hub_offline():
+            raise offline_error(what, fix, e) from None
+        raise LoadError(f"cannot load {what}: {type(e).__name__}: {e}") from None
+    return sae, f"{cfg.release}/{cfg.sae_id}", None if sparsity is None else sparsity.float().cpu()
+
+
+# --------------------------------------------------------------------------- checks
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_layer(hook_name: str, n_layers: int) -> int:
+    """Block index of a hook point ('blocks.L.*' → L; 'hook_embed'/'hook_pos_embed' → 0; 'ln_final.*' → n_layers)."""
+    m = _LAYER_RE.match(hook_name)
+    if m:
+        return int(m.group(1))
+    return n_layers if hook_name.startswith("ln_final") else 0
+
+
+def check_fit(model: Any, sae: Any, model_key: str, expected_model: str | None = None) -> tuple[str, int]:
+    """Check the SAE fits the model: hook point exists, widths match, model name (warning).
+
+    Returns:
+        ``(hook_name, layer)``.
+    Raises:
+        TargetError: the hook point is not in the model, or ``d_in`` differs from the hook's width.
+    """
+    meta = sae.cfg.metadata
+    hook_name = meta.hook_name
+    if hook_name not in model.hook_dict:
+        close = difflib.get_close_matches(hook_name or "", list(model.hook_dict), n=3)
+        raise TargetError(f"the SAE's hook point {hook_name!r} does not exist in the model {model_key}. Closest hook points: {', '.join(close)}. Use an SAE trained on this model.")
+    layer = hook_layer(hook_name, model.cfg.n_layers)
+    width = _hook_width(model, hook_name)
+    if width is not None and width != sae.cfg.d_in:
+        raise TargetError(f"SAE d_in = {sae.cfg.d_in} but the model's activation at {hook_name} has width {width}: the SAE was trained on another model or hook.")
+    sae_model = getattr(meta, "model_name", None)
+    want = expected_model or Path(model_key).name
+    if sae_model and want and sae_model != want:
+        warnings.warn(f"the SAE was trained on model {sae_model!r} but the loaded model is {want!r}; activations may be meaningless", stacklevel=2)
+    return hook_name, layer
+
+
+def _hook_width(model: Any, hook_name: str) -> int | None:
+    cfg = model.cfg
+    if any(s in hook_name for s in ("resid", "hook_embed", "hook_pos_embed", "attn_out", "mlp_out", "ln_final")):
+        return int(cfg.d_model)
+    if hook_name.endswith(("mlp.hook_pre", "mlp.hook_post")):
+        return int(cfg.d_mlp)
+    if hook_name.endswith("hook_z"):
+        return int(cfg.n_heads * cfg.d_head)
+    return None
+
+
+def check_latents(latents: list[int], d_sae: int) -> None:
+    """Raises TargetError when any latent id is outside ``[0, d_sae)``."""
+    bad = [i for i in latents if not 0 <= int(i) < d_sae]
+    if bad:
+        raise TargetError(f"latent ids {bad} do not exist: this SAE has d_sae = {d_sae} latents (valid ids 0..{d_sae - 1}).")
+
+
+def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
+    """Load model and SAE, check they fit, read the SAE's metadata.
+
+    Raises:
+        LoadError, OfflineError, TargetError: see :func:`load_model`, :func:`load_sae`, :func:`check_fit`.
+    """
+    model, tok, model_key = load_model(model_cfg, no_prefix_space=model_cfg.tokenizer_no_prefix_space)
+    sae, sae_key, density = load_sae(sae_cfg, model_cfg.device)
+    sae.requires_grad_(False)
+    sae.eval()
+    hook_name, layer = check_fit(model, sae, model_key, sae_cfg.expected_model)
+    meta = sae.cfg.metadata
+    ctx = getattr(meta, "context_size", None) or int(model.cfg.n_ctx)
+    prepend = getattr(meta, "prepend_bos", None)
+    return Subject(
+        model=model, tokenizer=tok, sae=sae, hook_name=hook_name, layer=layer,
+        prepend_bos=True if prepend is None else bool(prepend), context_size=int(ctx),
+        model_key=model_key, sae_key=sae_key, neuronpedia_id=getattr(meta, "neuronpedia_id", None),
+        log10_density=density,
+    )

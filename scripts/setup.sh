@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up reverie from nothing: a virtual environment in .venv with the project installed.
+#   bash scripts/setup.sh          # runtime (demo)
+#   bash scripts/setup.sh --dev    # + test extras, Ray, and Debian's chromium for the browser test
+# Idempotent: rerunning only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch first, pinned: the CPU wheel; an unpinned torch pulls several GB of CUDA packages.
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
+if [ "${1:-}" = "--dev" ]; then
+  .venv/bin/pip install -q -e ".[dev]"
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "setup: could not install chromium; the browser test will be skipped" >&2
+    else
+      echo "setup: chromium not found; install Debian's 'chromium' package for the browser test" >&2
+    fi
+  fi
+else
+  .venv/bin/pip install -q -e .
+fi
+echo "setup: done ($(.venv/bin/python -c 'import torch,sys;print("python",sys.version.split()[0],"torch",torch.__version__)'))"
