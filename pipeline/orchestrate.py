@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 
 from pipeline.config import ReverieConfig
 from pipeline.store import Store
@@ -12,8 +13,8 @@ from sae_targets.selection import Target
 
 
 def new_run_id(kind: str) -> str:
-    """'<kind>-YYYYmmdd-HHMMSS' (UTC)."""
-    return f"{kind}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    """'<kind>-YYYYmmdd-HHMMSS-xxxx' (UTC time + 4 random hex digits, so two runs never collide)."""
+    return f"{kind}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
 def target_rows(run_id: str, subject: Subject, targets: list[Target], density_source: str) -> list[dict]:

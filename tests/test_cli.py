@@ -1,0 +1,72 @@
+"""The reverie CLI: --help everywhere, targets, config show, clean errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from tests.conftest import DEMO_CONFIG
+
+runner = CliRunner()
+
+
+def _commands(typer_app, prefix=()):
+    import typer.main
+
+    group = typer.main.get_command(typer_app)
+    out = []
+
+    def walk(cmd, path):
+        out.append(path)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, path + (name,))
+
+    walk(group, prefix)
+    return out
+
+
+def test_help_on_every_command():
+    cmds = _commands(app)
+    assert ("targets",) in cmds and ("config", "show") in cmds
+    for path in cmds:
+        r = runner.invoke(app, [*path, "--help"])
+        assert r.exit_code == 0, (path, r.output)
+        assert "Usage" in r.output
+
+
+def test_targets_prints_demo_latents(tmp_path):
+    args = ["targets", "--config", str(DEMO_CONFIG), "--project-dir", str(tmp_path)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "blocks.1.hook_resid_pre" in r.output and "jumprelu" in r.output and "tinystories-656k" in r.output
+    lines = [l for l in r.output.splitlines() if re.match(r"^\s+\d+\s+-\d+\.\d+\s+\d", l)]
+    assert len(lines) == 8
+    again = runner.invoke(app, args)
+    assert [l for l in again.output.splitlines() if re.match(r"^\s+\d+\s+-\d+\.\d+\s+\d", l)] == lines
+    from pipeline.store import Store
+
+    with Store(tmp_path) as s:
+        assert s.fetch_one("SELECT count(*) AS n FROM targets")["n"] == 16  # two runs × 8
+        assert s.fetch_one("SELECT count(DISTINCT run_id) AS n FROM runs WHERE status = 'done'")["n"] == 2
+
+
+def test_config_show_applies_overrides():
+    r = runner.invoke(app, ["config", "show", "--config", str(DEMO_CONFIG), "--set", "dream.iterations=42"])
+    assert r.exit_code == 0, r.output
+    assert "iterations = 42" in r.output and "[scan.corpus]" in r.output
+
+
+def test_bad_latent_is_a_clean_error(tmp_path):
+    r = runner.invoke(app, ["targets", "--config", str(DEMO_CONFIG), "--project-dir", str(tmp_path), "--latent", "99999"])
+    assert r.exit_code == 2
+    assert "do not exist" in r.output and "Traceback" not in r.output
+
+
+def test_unknown_config_key_is_a_clean_error(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[targets]\nnrandom = 3\n")
+    r = runner.invoke(app, ["config", "show", "--config", str(p)])
+    assert r.exit_code == 2 and "unknown key 'nrandom' in section [targets]" in r.output
