@@ -89,7 +89,7 @@ class SAEConfig(Section):
 class TargetsConfig(Section):
     latents: list[int] = Field(default_factory=list, description="Explicit latent ids. When non-empty, random selection is off.")
     n_random: int = Field(8, ge=0, description="Number of random alive latents to draw when `latents` is empty.")
-    seed: int | None = Field(0, description="Seed of the random latent draw. None (omit) = today's date as YYYYMMDD.")
+    seed: int | None = Field(None, description="Seed of the random latent draw. Omit for today's date as YYYYMMDD (a new draw each night).")
     log10_density_min: float = Field(-4.0, description="Alive floor: a latent is drawn only if log10(firing density) > this.")
     log10_density_max: float = Field(-1.0, description="Dense ceiling: latents with log10(density) >= this are not drawn (dense latents are rarely interpretable).")
     density_scan_tokens: int = Field(20_000, ge=1, description="Tokens of the configured corpus to scan for densities when the SAE has no sparsity.safetensors.")
@@ -117,7 +117,8 @@ class EPOConfig(Section):
     time_budget_s: float | None = Field(None, description="Wall-clock budget per EPO run in seconds (None = no limit).")
     early_stop_patience: int | None = Field(None, description="Stop when the frontier has not improved for this many iterations (None = off).")
     batch_size: int | None = Field(None, description="Children evaluated per forward pass (None = adapt to memory).")
-    prefix_cache: bool = Field(True, description="Evaluate children from their parent's cached keys/values before the first edited position.")
+    prefix_cache: bool = Field(True, description="Evaluate children from their parent's cached keys/values before the first edited position (and the fixed prefix's keys/values once); false = full sequences every time.")
+    kv_groups: int | None = Field(None, ge=1, description="With prefix_cache: at most this many forward passes per iteration (children sorted by first edited position, each group starts at its earliest edit). None = one group per distinct first edited position (least compute; on GPUs fewer, larger groups may be faster).")
     # augmentations from the follow-up post (off by default)
     p_logit_proposals: float = Field(0.0, ge=0, le=1, description="Probability a child's token is sampled from the model's own next-token logits at temperature U(0,2).")
     p_no_topk_mask: float = Field(0.0, ge=0, le=1, description="Probability the gradient top-k mask is not applied to a logit proposal.")
@@ -170,6 +171,7 @@ class ScanConfig(Section):
     baseline_prompts: int = Field(1024, ge=1, description="Random-token prompts of dream length for the random-prompt baseline (paper §3.5).")
     checkpoint_every: int = Field(20, ge=1, description="Batches between resumable checkpoints.")
     all_latents: bool = Field(False, description="Scan all d_sae latents instead of only the targets.")
+    random_prompt_examples: int = Field(20, ge=0, description="Random baseline prompts stored per latent as kind='random_prompt' examples (negatives when scoring explanations on dreams).")
 
 
 class CompareConfig(Section):
@@ -190,12 +192,17 @@ class ExplainConfig(Section):
     budget_usd: float | None = Field(None, description="Stop the stage cleanly after this estimated cost in USD.")
     price_per_mtok_in: float = Field(0.15, ge=0, description="USD per million prompt tokens (cost estimate).")
     price_per_mtok_out: float = Field(0.60, ge=0, description="USD per million completion tokens.")
-    n_examples: int = Field(20, ge=1, description="Examples (or dreams) shown per explanation prompt.")
+    backoff_base_s: float = Field(1.0, gt=0, description="Retry backoff: exponential with full jitter, base wait in seconds (a server's retry-after wins).")
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest backoff wait in seconds (a server's retry-after is honoured up to 60 s).")
+    max_completion_tokens: int = Field(200, ge=1, description="Completion token cap per request.")
+    n_examples: int = Field(20, ge=1, description="Examples (or dreams) shown per explanation prompt; source 'both' shows half of each.")
     n_holdout: int = Field(10, ge=1, description="Held-out examples per class for detection scoring.")
+    detection_batch: int = Field(10, ge=1, description="Held-out examples labelled per detection request (delphi-style batches).")
+    seed: int = Field(0, description="Seed of the held-out example shuffle (the same order for an explanation and its baseline).")
 
 
 class ReportConfig(Section):
-    out: str | None = Field(None, description="Report folder (default: <project dir>/reports).")
+    out: str | None = Field(None, description="Report folder, used as is for every run (default: <project dir>/reports/<run id>).")
     dreams_shown: int = Field(30, ge=1, description="Frontier prompts listed per latent page.")
     examples_shown: int = Field(20, ge=1, description="Dataset examples listed per latent page.")
 

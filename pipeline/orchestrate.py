@@ -106,6 +106,7 @@ class UnitLedger:
             "run_id": self.run_id, "target_id": target_id, "stage": stage, "status": status,
             "started_at": started, "ended_at": ended, "wall_s": (ended - started).total_seconds(), "error": error,
         }])
+        log.info("unit %s %s: %s%s", stage, target_id, status, f" ({error})" if error else "")
         if status == "done":
             self.summary.done += 1
         elif status == "failed":

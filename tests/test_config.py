@@ -108,3 +108,13 @@ def test_shared_env_override(monkeypatch, shared):
     from pipeline.paths import shared_dir
 
     assert shared_dir() == shared.resolve()
+
+
+def test_production_config_validates():
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "nightly.toml")
+    assert cfg.model.name == "gpt2-small" and cfg.model.path is None
+    assert cfg.sae.release == "gpt2-small-res-jb" and cfg.sae.path is None
+    assert cfg.scan.corpus.hf_dataset == "monology/pile-uncopyrighted" and cfg.scan.corpus.path is None
+    assert cfg.targets.seed is None  # the date
