@@ -302,6 +302,56 @@ def compare(
     typer.echo(format_table(rows, summary, cfg.compare.ce_limit))
 
 
+@app.command()
+@handle_errors
+def dream(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    latent: Optional[list[int]] = typer.Option(None, "--latent", "-l", help="Latent id (repeatable). Without --combine each is its own target; with --combine they form one multi-latent target. Default: the config's target selection."),
+    combine: Optional[str] = typer.Option(None, "--combine", help="Optimize the given latents together: lp | sum | min."),
+    p: Optional[float] = typer.Option(None, "--p", help="Exponent of the lp combination (targets.p)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of EPO seeds per target (seeds 0..N-1); their frontiers merge."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="EPO iterations per seed (dream.iterations)."),
+    device: Optional[str] = DeviceOpt,
+    project_dir: Optional[str] = ProjectOpt,
+) -> None:
+    """Dream (EPO) on latents: progress bar per seed, results stored, merged frontier printed per target."""
+    from pipeline.orchestrate import record_targets
+    from pipeline.store import Store
+    from sae_targets.loading import check_latents, load_subject
+    from sae_targets.selection import Target, log10_densities, select_targets
+    from stages.dream import format_frontier, merge_results, run_dream_stage
+
+    if combine is not None and combine not in ("lp", "sum", "min"):
+        raise ReverieError(f"--combine {combine!r}: use lp, sum or min")
+    if combine is not None and len(latent or []) < 2:
+        raise ReverieError("--combine needs at least two --latent ids")
+    cfg = build_config(config, set_, **{"targets.p": p, "dream.iterations": iterations, "model.device": device, "project.dir": project_dir,
+                                        "dream.seeds": list(range(seeds)) if seeds else None, "targets.combine": combine})
+    subject = load_subject(cfg.model, cfg.sae)
+    if latent:
+        check_latents(list(latent), subject.d_sae)
+        dens, source = log10_densities(subject, cfg.targets, cfg.scan.corpus)
+        d = dens.tolist()
+        ids = list(dict.fromkeys(latent))
+        chosen = [Target(latents=ids, combine=combine, log10_density=[d[i] for i in ids])] if combine else \
+            [Target(latents=[i], log10_density=[d[i]]) for i in ids]
+    else:
+        chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
+    run_id = record_targets(cfg, subject, chosen, source, kind="dream")
+    with Store(cfg.project.path) as store:
+        try:
+            results = run_dream_stage(cfg, subject, store, run_id, chosen)
+        except BaseException:
+            store.finish_run(run_id, "failed")
+            raise
+        store.finish_run(run_id, "done", summary={"n_targets": len(chosen), "seeds": cfg.dream.seeds})
+    for t in chosen:
+        typer.echo("")
+        typer.echo(format_frontier(merge_results([r for r in results if r.target_id == t.target_id])))
+    typer.echo(f"\nrun {run_id} stored in {cfg.project.path / 'reverie.duckdb'}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

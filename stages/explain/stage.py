@@ -1,0 +1,454 @@
+"""The explain stage: LLM explanations of each target from three sources, detection-scored.
+
+For every target of a run (table ``targets``):
+
+1. Draft one-sentence explanations from source ``'dataset'`` (top-k + quantile examples),
+   ``'dreams'`` (EPO frontier prompts, Thompson et al. 2024) and ``'both'`` (half of each), shown in
+   the Bills et al. (2023) token<TAB>activation format (see :mod:`stages.explain.prompts`).
+2. Score each explanation by detection (delphi; Paulo et al. 2024 §3) on two held-out sets:
+   ``'dataset'`` = held-out quantile samples (firing) + non-firing contexts, and ``'dreams'`` =
+   held-out dreams (firing) + random prompts (not firing); balanced accuracy, F1, precision, recall.
+3. Baseline: the same source's explanation of another target (the next one in target order that
+   has one and shares no latent with this one) scored on this target's held-out sets, with the same example order, so a score can be
+   read against chance-with-a-plausible-explanation.
+
+Compute (:func:`compute_explain`, async, returns an :class:`ExplainResult`) is split from writing
+(:func:`write_explain`). Failures of one target are recorded in ``explain_failures`` and the others
+finish; a budget cap or a refused key stops the stage cleanly with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable
+
+from tqdm.auto import tqdm
+
+from pipeline.config import ReverieConfig
+from pipeline.errors import ReverieError
+from pipeline.store import Store, now
+from stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
+from stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
+from stages.explain.prompts import ParseError, detection_messages, explanation_messages, parse_explanation, parse_labels
+from stages.explain.scoring import DetectionMetrics, detection_metrics
+
+log = logging.getLogger("reverie.explain")
+
+SOURCES = ("dataset", "dreams", "both")
+HOLDOUT_SETS = ("dataset", "dreams")
+OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class Explanation:
+    """One drafted explanation (a row of ``explanations``)."""
+
+    explanation_id: str
+    target_id: str
+    source: str
+    text: str
+    raw_text: str
+    prompt_hash: str
+    n_dataset: int
+    n_dreams: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Score:
+    """Detection metrics of one explanation (or its baseline) on one held-out set."""
+
+    target_id: str
+    explanation_id: str
+    scored_explanation_id: str
+    holdout_set: str
+    baseline: bool
+    metrics: DetectionMetrics
+
+
+@dataclass
+class Failure:
+    """Something the stage could not do for a target ('*': the whole run), and why (redacted)."""
+
+    target_id: str
+    what: str
+    why: str
+
+
+@dataclass
+class ExplainResult:
+    """Everything :func:`compute_explain` produced for a run (plain data: picklable)."""
+
+    run_id: str
+    scan_id: str | None
+    model: str
+    n_targets: int
+    explanations: list[Explanation] = field(default_factory=list)
+    scores: list[Score] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    calls: list[CallRecord] = field(default_factory=list)
+    stopped: str | None = None
+
+
+@dataclass
+class ExplainSummary:
+    """What :func:`run_explain` did, for the CLI and the nightly summary (tokens; cost in USD)."""
+
+    run_id: str | None
+    scan_id: str | None
+    model: str
+    skipped: bool
+    message: str
+    n_targets: int = 0
+    n_explanations: int = 0
+    n_scores: int = 0
+    n_failures: int = 0
+    n_requests: int = 0
+    n_cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    stopped: str | None = None
+    wall_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------- availability
+def endpoint(cfg: ReverieConfig) -> str:
+    """The endpoint used: ``explain.base_url``, else ``$OPENAI_BASE_URL``, else OpenAI's."""
+    return cfg.explain.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL
+
+
+def explain_available(cfg: ReverieConfig) -> tuple[bool, str]:
+    """Whether the stage can run: enabled, and an API key in ``$<explain.api_key_env>``.
+
+    Returns:
+        (True, 'explain: <model> at <endpoint>') or (False, one line saying why and how to fix it).
+    """
+    e = cfg.explain
+    if not e.enabled:
+        return False, "explain is disabled (explain.enabled = false)"
+    if not os.environ.get(e.api_key_env):
+        return False, (f"explain needs an API key: set ${e.api_key_env} "
+                       "(and OPENAI_BASE_URL or explain.base_url for an endpoint other than OpenAI)")
+    return True, f"explain: {e.model} at {endpoint(cfg)}"
+
+
+# ---------------------------------------------------------------------------- compute
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def _mixed(shown: list[Example], k: int) -> list[Example]:
+    """``k`` of the shown dataset examples keeping the top/quantile mix (a quarter quantiles)."""
+    top = [e for e in shown if e.kind == "top"]
+    quant = [e for e in shown if e.kind != "top"]
+    n_q = min(k // 4, len(quant))
+    return top[: k - n_q] + spread(quant, n_q)
+
+
+def _views(inp: TargetInputs, n_examples: int) -> dict[str, tuple[list[Example], list[Example]] | str]:
+    """Per source: (dataset examples, dreams) to show, or the reason the source is skipped."""
+    half = max(1, n_examples // 2)
+    views: dict[str, tuple[list[Example], list[Example]] | str] = {
+        "dataset": (inp.dataset_shown, []) if inp.dataset_shown else inp.notes.get("dataset", "no dataset examples"),
+        "dreams": ([], inp.dreams_shown) if inp.dreams_shown else inp.notes.get("dreams", "no dreams"),
+    }
+    if inp.dataset_shown and inp.dreams_shown:
+        views["both"] = (_mixed(inp.dataset_shown, n_examples - half), spread(inp.dreams_shown, half))
+    else:
+        views["both"] = "; ".join(inp.notes.get(s, f"no {s}") for s in ("dataset", "dreams") if s in inp.notes)
+    return views
+
+
+class _Stage:
+    """One run's compute: holds the client, the inputs and the collected results."""
+
+    def __init__(self, cfg: ReverieConfig, client: LLMClient, run_id: str, scan_id: str | None, inputs: list[TargetInputs]):
+        self.cfg, self.client, self.inputs = cfg, client, inputs
+        self.result = ExplainResult(run_id, scan_id, cfg.explain.model, len(inputs))
+        self.by_target: dict[str, dict[str, Explanation]] = {}
+
+    def fail(self, target_id: str, what: str, why: str) -> None:
+        why = redact(why, self.client.api_key)
+        log.warning("explain %s %s: %s", target_id, what, why)
+        self.result.failures.append(Failure(target_id, what, why))
+
+    async def guarded(self, target_id: str, what: str, coro: Awaitable[Any]) -> Any:
+        """Await ``coro``; LLM and parse errors become recorded failures; a stage stop is remembered."""
+        try:
+            return await coro
+        except StageStop as e:
+            self.result.stopped = self.result.stopped or str(e)
+        except (LLMError, ParseError, ValueError) as e:
+            self.fail(target_id, what, str(e))
+        return None
+
+    async def explain(self, inp: TargetInputs, source: str, dataset: list[Example], dreams: list[Example]) -> Explanation:
+        note = inp.notes.get("combination") if dataset else None
+        messages = explanation_messages(dataset, dreams, note)
+        c = await self.client.complete(messages, f"explain:{source}", inp.target_id)
+        text = parse_explanation(c.text)
+        eid = f"{self.result.run_id}/{inp.target_id}/{source}"
+        return Explanation(eid, inp.target_id, source, text, c.text, c.key, len(dataset), len(dreams), c.prompt_tokens, c.completion_tokens)
+
+    async def detect(self, inp: TargetInputs, explanation: Explanation, scored: Explanation, holdout_set: str) -> Score | None:
+        """Label this target's held-out set with ``scored``'s text; metrics over the readable batches."""
+        baseline = scored.target_id != inp.target_id
+        what = f"detect:{explanation.source}:{holdout_set}" + (":baseline" if baseline else "")
+        held: list[HeldOut] = list(inp.holdout[holdout_set])
+        random.Random(_seed(self.cfg.explain.seed, inp.target_id, holdout_set)).shuffle(held)
+        size = self.cfg.explain.detection_batch
+        batches = [held[i: i + size] for i in range(0, len(held), size)]
+
+        async def label(batch: list[HeldOut]) -> list[bool]:
+            c = await self.client.complete(detection_messages(scored.text, [h.text for h in batch]), what, inp.target_id)
+            return parse_labels(c.text, len(batch))
+
+        outcomes = await asyncio.gather(*(self.guarded(inp.target_id, f"{what} batch {i}", label(b)) for i, b in enumerate(batches)))
+        truth, pred = [], []
+        for batch, labels in zip(batches, outcomes):
+            if labels is not None:
+                truth += [h.fires for h in batch]
+                pred += labels
+        if self.result.stopped or not truth:
+            return None
+        metrics = detection_metrics(truth, pred)
+        return Score(inp.target_id, explanation.explanation_id, scored.explanation_id, holdout_set, baseline, metrics)
+
+    def baseline_for(self, index: int, source: str) -> Explanation | None:
+        """The ``source`` explanation of the next target (cyclically) that has one and shares no
+        latent with target ``index`` (a combination containing this latent is no baseline), else None."""
+        n, mine = len(self.inputs), set(self.inputs[index].latents)
+        for step in range(1, n):
+            cand = self.inputs[(index + step) % n]
+            other = self.by_target.get(cand.target_id, {}).get(source)
+            if other is not None and not mine & set(cand.latents):
+                return other
+        return None
+
+    async def run(self) -> ExplainResult:
+        res = self.result
+        # phase 1: explanations
+        jobs: list[tuple[TargetInputs, str, Awaitable[Any]]] = []
+        for inp in self.inputs:
+            for source, view in _views(inp, self.cfg.explain.n_examples).items():
+                if isinstance(view, str):
+                    self.fail(inp.target_id, f"explain:{source}", f"skipped: {view}")
+                else:
+                    jobs.append((inp, source, self.explain(inp, source, *view)))
+        for (inp, source, _), exp in zip(jobs, await self._gather([(i.target_id, f"explain:{s}", j) for i, s, j in jobs], "explanations")):
+            if exp is not None:
+                res.explanations.append(exp)
+                self.by_target.setdefault(inp.target_id, {})[source] = exp
+        if res.stopped:
+            return res
+        # phase 2: detection scores, each explanation and its baseline on both held-out sets
+        scoring: list[tuple[str, str, Awaitable[Any]]] = []
+        for index, inp in enumerate(self.inputs):
+            for source, exp in self.by_target.get(inp.target_id, {}).items():
+                other = self.baseline_for(index, source)
+                if other is None:
+                    self.fail(inp.target_id, f"baseline:{source}", f"no target with other latents has a {source} explanation to serve as the random-explanation baseline")
+                for hs in HOLDOUT_SETS:
+                    if hs not in inp.holdout:
+                        self.fail(inp.target_id, f"detect:{source}:{hs}", f"skipped: no held-out {hs} examples ({inp.notes.get(hs, 'none stored')})")
+                        continue
+                    for scored in (exp, other):
+                        if scored is not None:
+                            what = f"detect:{source}:{hs}" + (":baseline" if scored is other else "")
+                            scoring.append((inp.target_id, what, self.detect(inp, exp, scored, hs)))
+        res.scores.extend(s for s in await self._gather(scoring, "scores") if s is not None)
+        return res
+
+    async def _gather(self, jobs: list[tuple[str, str, Awaitable[Any]]], desc: str) -> list[Any]:
+        bar = tqdm(total=len(jobs), desc=f"explain {desc}", disable=None, leave=False)
+
+        async def one(target_id: str, what: str, coro: Awaitable[Any]) -> Any:
+            try:
+                return await self.guarded(target_id, what, coro)
+            finally:
+                bar.update(1)
+
+        try:
+            return await asyncio.gather(*(one(*j) for j in jobs))
+        finally:
+            bar.close()
+
+
+async def compute_explain(cfg: ReverieConfig, inputs: list[TargetInputs], client: LLMClient, run_id: str, scan_id: str | None) -> ExplainResult:
+    """Draft and score explanations for every target (see the module docstring).
+
+    Args:
+        inputs: from :func:`stages.explain.inputs.load_inputs`.
+        client: an open :class:`LLMClient` (its cache and budget are used; not closed here).
+    Returns:
+        :class:`ExplainResult`; ``stopped`` holds the reason when a budget cap or a refused key
+        ended the stage early (everything finished before that is kept).
+    """
+    stage = _Stage(cfg, client, run_id, scan_id, inputs)
+    try:
+        await client.check_endpoint()
+    except StageStop as e:
+        stage.result.stopped = str(e)
+    if not stage.result.stopped:
+        await stage.run()
+    res = stage.result
+    res.calls = list(client.calls)
+    if res.stopped:
+        done = {e.target_id for e in res.explanations}
+        res.failures.append(Failure("*", "stage", f"stopped: {res.stopped}"))
+        res.failures.extend(Failure(i.target_id, "stage", "not finished: the stage stopped") for i in inputs if i.target_id not in done)
+    return res
+
+
+# ---------------------------------------------------------------------------- writes
+def write_explain(store: Store, result: ExplainResult) -> None:
+    """Store a run's explanations, scores and failures (replacing the run's earlier rows) and
+    append its calls to ``llm_calls``, in one transaction."""
+    run_id, ts = result.run_id, now()
+    with store.transaction():
+        store.replace("explain_scores", {"run_id": run_id}, [
+            {"run_id": run_id, "target_id": s.target_id, "explanation_id": s.explanation_id, "scored_explanation_id": s.scored_explanation_id,
+             "holdout_set": s.holdout_set, "baseline": s.baseline, "metric": m, "value": float(v),
+             "n": s.metrics.n, "n_pos": s.metrics.n_pos, "n_neg": s.metrics.n_neg}
+            for s in result.scores for m, v in s.metrics.as_dict().items()
+        ])
+        store.replace("explanations", {"run_id": run_id}, [
+            {"explanation_id": e.explanation_id, "run_id": run_id, "target_id": e.target_id, "source": e.source, "model": result.model,
+             "text": e.text, "raw_text": e.raw_text, "prompt_hash": e.prompt_hash, "n_dataset": e.n_dataset, "n_dreams": e.n_dreams,
+             "prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "created_at": ts}
+            for e in result.explanations
+        ])
+        store.replace("explain_failures", {"run_id": run_id}, [
+            {"run_id": run_id, "target_id": f.target_id, "what": f.what, "why": f.why, "created_at": ts} for f in result.failures
+        ])
+        store.insert("llm_calls", [
+            {"run_id": run_id, "target_id": c.target_id, "purpose": c.purpose, "key": c.key, "model": c.model, "cached": c.cached,
+             "attempts": c.attempts, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+             "cost_usd": c.cost_usd, "latency_s": c.latency_s, "created_at": c.created_at}
+            for c in result.calls
+        ])
+
+
+# ---------------------------------------------------------------------------- lookups
+def latest_run(store: Store) -> str:
+    """The most recently started run that has targets.
+
+    Raises:
+        ReverieError: no run has targets yet.
+    """
+    row = store.fetch_one("SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM targets t WHERE t.run_id = r.run_id) "
+                          "ORDER BY r.started_at DESC LIMIT 1")
+    if row is None:
+        raise ReverieError(f"no run with targets in {store.path}; run `reverie targets` (or the dream and scan stages) first")
+    return row["run_id"]
+
+
+def find_scan(store: Store, run_id: str) -> str | None:
+    """The scan holding a run's dataset examples: the one its comparisons used, else the latest
+    finished scan of the same model, SAE and hook point covering every latent of the run."""
+    row = store.fetch_one("SELECT scan_id FROM comparisons WHERE run_id = ? LIMIT 1", [run_id])
+    if row:
+        return row["scan_id"]
+    t = store.fetch_one("SELECT model_key, sae_key, hook_name FROM targets WHERE run_id = ? LIMIT 1", [run_id])
+    if t is None:
+        return None
+    latents = sorted({int(x) for r in store.fetch("SELECT latents FROM targets WHERE run_id = ?", [run_id]) for x in r["latents"]})
+    row = store.fetch_one(
+        "SELECT scan_id FROM scans WHERE model_key = ? AND sae_key = ? AND hook_name = ? AND status = 'done' "
+        "AND list_has_all(latents, ?::INTEGER[]) ORDER BY updated_at DESC LIMIT 1",
+        [t["model_key"], t["sae_key"], t["hook_name"], latents],
+    )
+    return row["scan_id"] if row else None
+
+
+def _prior_spend(store: Store, run_id: str) -> tuple[int, float]:
+    row = store.fetch_one("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, coalesce(sum(cost_usd), 0) AS usd "
+                          "FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])
+    return int(row["tokens"]), float(row["usd"])
+
+
+def score_table(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """One row per explanation of a run: target, source, text, and balanced accuracy on each
+    held-out set for the explanation and for its baseline (None where not scored)."""
+    return store.fetch(
+        """
+        SELECT e.target_id, e.source, e.text,
+               max(CASE WHEN s.holdout_set = 'dataset' AND NOT s.baseline THEN s.value END) AS dataset_ba,
+               max(CASE WHEN s.holdout_set = 'dataset' AND s.baseline THEN s.value END) AS dataset_ba_baseline,
+               max(CASE WHEN s.holdout_set = 'dreams' AND NOT s.baseline THEN s.value END) AS dreams_ba,
+               max(CASE WHEN s.holdout_set = 'dreams' AND s.baseline THEN s.value END) AS dreams_ba_baseline
+        FROM explanations e LEFT JOIN explain_scores s
+             ON s.explanation_id = e.explanation_id AND s.metric = 'balanced_accuracy'
+        WHERE e.run_id = ?
+        GROUP BY e.target_id, e.source, e.text
+        ORDER BY e.target_id, CASE e.source WHEN 'dataset' THEN 0 WHEN 'dreams' THEN 1 ELSE 2 END
+        """,
+        [run_id],
+    )
+
+
+# ---------------------------------------------------------------------------- entry point
+def run_explain(cfg: ReverieConfig, store: Store, run_id: str | None = None, scan_id: str | None = None) -> ExplainSummary:
+    """Run the explain stage for a run and store its results.
+
+    Args:
+        run_id: the run whose targets are explained (None: the latest run with targets).
+        scan_id: the scan with the dataset examples (None: :func:`find_scan`).
+    Returns:
+        :class:`ExplainSummary`; ``skipped`` with a one-line ``message`` when disabled or without
+        an API key; ``stopped`` when a budget cap or a refused key ended it early.
+    Raises:
+        ReverieError: no run with targets.
+    """
+    ok, message = explain_available(cfg)
+    if not ok:
+        log.info(message)
+        return ExplainSummary(run_id, scan_id, cfg.explain.model, True, message)
+    t0 = time.perf_counter()
+    run_id = run_id or latest_run(store)
+    scan_id = scan_id or find_scan(store, run_id)
+    e = cfg.explain
+    inputs = load_inputs(store, run_id, scan_id, e.n_examples, e.n_holdout)
+    if not inputs:
+        raise ReverieError(f"run {run_id} has no targets; pass an existing --run or run `reverie targets` first")
+    tokens, usd = _prior_spend(store, run_id)
+    key = os.environ[e.api_key_env]
+    http_log = logging.getLogger("httpx2")
+    if http_log.level == logging.NOTSET:  # one INFO line per request would drown the stage's own log
+        http_log.setLevel(logging.WARNING)
+    log.info("%s; run %s, scan %s, %d targets", message, run_id, scan_id, len(inputs))
+
+    async def go() -> ExplainResult:
+        client = LLMClient(e, key, StoreCache(store), base_url=endpoint(cfg), budget=Budget(e.budget_tokens, e.budget_usd, tokens, usd))
+        try:
+            return await compute_explain(cfg, inputs, client, run_id, scan_id)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(go())
+    write_explain(store, result)
+    paid = [c for c in result.calls if not c.cached]
+    summary = ExplainSummary(
+        run_id, scan_id, e.model, False, "", n_targets=len(inputs), n_explanations=len(result.explanations),
+        n_scores=len(result.scores), n_failures=len(result.failures), n_requests=len(paid),
+        n_cached=len(result.calls) - len(paid), prompt_tokens=sum(c.prompt_tokens for c in paid),
+        completion_tokens=sum(c.completion_tokens for c in paid), cost_usd=sum(c.cost_usd for c in paid),
+        stopped=result.stopped, wall_s=time.perf_counter() - t0,
+    )
+    summary.message = (
+        f"explain: {summary.n_explanations} explanations and {summary.n_scores} scores for {summary.n_targets} targets, "
+        f"{summary.n_failures} failures; {summary.n_requests} requests ({summary.n_cached} cached answers), "
+        f"{summary.prompt_tokens + summary.completion_tokens:,} tokens, ~${summary.cost_usd:.4f}"
+        + (f"; STOPPED: {result.stopped}" if result.stopped else "")
+    )
+    log.info(summary.message)
+    return summary
