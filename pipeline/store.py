@@ -104,11 +104,11 @@ class Store:
         """Applied schema version (0 for an empty database)."""
         exists = self.conn.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         if not exists:
             return 0
-        row = self.conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        return int(row[0] or 0)
+        rows = self.conn.execute("SELECT max(version) FROM schema_version").fetchall()  # fetchall: leave no open result
+        return int(rows[0][0] or 0)
 
     def migrate(self) -> int:
         """Apply every migration newer than the database's version, each in one transaction.

@@ -25,7 +25,7 @@ TINY = {
 }
 SETS = [f"--set={k}={v!r}".replace("'", '"') if isinstance(v, str) else f"--set={k}={v}".replace("True", "true").replace("False", "false") for k, v in TINY.items()]
 
-VOLATILE = {"wall_s", "created_at", "updated_at", "started_at", "ended_at", "applied_at", "latency_s", "config_json", "summary_json", "code_version", "status_detail"}
+VOLATILE = {"wall_s", "created_at", "updated_at", "started_at", "ended_at", "applied_at", "latency_s", "config_json", "summary_json", "code_version", "timing_json"}
 TABLES = ["targets", "dream_runs", "dream_prompts", "dream_history", "dream_attributions", "scans", "scan_latents",
           "scan_examples", "baselines", "comparisons", "compare_summary", "units"]
 

@@ -78,3 +78,11 @@ def test_insert_rejects_ragged_rows(tmp_path):
     with Store(tmp_path) as s:
         with pytest.raises(ReverieError, match="row 1"):
             s.insert("units", [{"run_id": "r", "target_id": "1", "stage": "dream", "status": "done"}, {"run_id": "r"}])
+
+
+def test_insert_right_after_open(tmp_path):
+    """Regression: a fresh Store's first call being insert() must not hit an open result set."""
+    Store(tmp_path).close()
+    with Store(tmp_path) as s:
+        s.insert("units", [{"run_id": "r", "target_id": "1", "stage": "dream", "status": "done"}])
+        assert s.fetch_one("SELECT count(*) AS n FROM units")["n"] == 1

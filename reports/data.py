@@ -1,0 +1,589 @@
+"""Everything a report page needs, read from the Store into plain dataclasses.
+
+The report reads, never writes. The SQL migrations are the contract (``pipeline/migrations``:
+0001 runs/targets/units, 0002 dream, 0003 scan, 0004 compare, 0005 explain); any stage may not
+have run yet, and an older database may lack the later tables, so every loader returns empty
+values (``None`` / ``[]``) for what is missing instead of failing.
+
+Values keep the store's units: activations are the objective's value (the SAE latent quantity
+the targets section chose, e.g. pre-activation), cross-entropy (CE) is in nats/token,
+densities are log10 firing frequencies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ReverieError
+from pipeline.store import Store
+
+#: preference order of explanation sources for the index's one-line summary
+EXPLANATION_PREFERENCE = ("both", "dataset", "dreams")
+
+
+# ---------------------------------------------------------------------------- dataclasses
+@dataclass
+class RunInfo:
+    """One row of ``runs`` plus what the report derives from it."""
+
+    run_id: str
+    kind: str
+    status: str
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    wall_s: float | None
+    code_version: str
+    config_hash: str
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    neuronpedia_id: str | None = None
+
+    @property
+    def config_text(self) -> str:
+        """The effective configuration as indented JSON."""
+        return json.dumps(self.config, indent=2, sort_keys=True)
+
+    def config_value(self, dotted: str, default: Any = None) -> Any:
+        """A value of the run's stored configuration by dotted key ('compare.ce_limit')."""
+        cur: Any = self.config
+        for k in dotted.split("."):
+            if not isinstance(cur, dict) or k not in cur:
+                return default
+            cur = cur[k]
+        return cur
+
+
+@dataclass
+class UnitInfo:
+    """One ``units`` row: a stage's outcome for a target ('*' = run-level)."""
+
+    stage: str
+    target_id: str
+    status: str
+    wall_s: float | None
+    error: str | None
+
+
+@dataclass
+class AttributionToken:
+    """Token attribution at one optimized position (paper Fig. 1).
+
+    ``drop_worst``: activation drop from the worst of the top-k gradient substitutions;
+    ``drop_best``: drop from the best alternative (small or negative = the token is replaceable).
+    ``replacements``: ``(token, activation)`` pairs, best first.
+    """
+
+    position: int
+    token: str
+    drop_worst: float
+    drop_best: float
+    replacements: list[tuple[str, float]]
+
+
+@dataclass
+class DreamPrompt:
+    """A Pareto-frontier prompt of one EPO seed (``dream_prompts``)."""
+
+    dream_id: str
+    seed: int
+    idx: int
+    tokens: list[str]
+    text: str
+    activation: float
+    ce: float
+    perplexity: float
+    lam: float | None
+    iteration: int
+    token_acts: list[float] | None
+    latent_acts: list[float] | None
+    attribution: list[AttributionToken] | None = None
+
+
+@dataclass
+class DreamRun:
+    """One EPO run (``dream_runs``)."""
+
+    dream_id: str
+    seed: int
+    objective: str
+    n_iterations: int
+    n_candidates: int
+    wall_s: float
+    config: dict[str, Any]
+    objective_key: str | None = None
+    stop_reason: str | None = None
+
+
+@dataclass
+class HistoryPoint:
+    """A frontier point recorded at an iteration (``dream_history``), for Fig. 2b."""
+
+    seed: int
+    iteration: int
+    activation: float
+    ce: float
+
+
+@dataclass
+class Example:
+    """A dataset example (``scan_examples``) of one latent: shown tokens and their activations."""
+
+    latent: int
+    kind: str
+    rank: int
+    bin: int | None
+    tokens: list[str]
+    acts: list[float]
+    max_act: float
+    max_pos: int
+    window_ce: float | None
+    window_act: float | None
+
+
+@dataclass
+class ScanInfo:
+    """A corpus scan (``scans``) the target's dataset side comes from."""
+
+    scan_id: str
+    status: str
+    tokens_seen: int
+    n_contexts: int
+    window_len: int | None
+    ce_mean: float | None
+    ce_std: float | None
+    in_dist_threshold: float | None
+    corpus: dict[str, Any]
+    created_at: dt.datetime | None
+    chosen_by: str  # 'comparison' | 'latest covering scan'
+
+    @property
+    def corpus_label(self) -> str:
+        """Where the scan read text: the hub dataset, the local path, or its files' names."""
+        c = self.corpus
+        if c.get("hf_dataset"):
+            return f"{c['hf_dataset']} ({c.get('hf_split', 'train')})"
+        if c.get("path"):
+            return str(c["path"])
+        files = [f.get("path", "") for f in c.get("files", []) if isinstance(f, dict)]
+        if files:
+            return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        return json.dumps(c, sort_keys=True) if c else "unknown corpus"
+
+
+@dataclass
+class LatentScan:
+    """What the scan found for one latent: density, histogram, top-k and quantile examples."""
+
+    latent: int
+    n_tokens: int | None = None
+    n_firing: int | None = None
+    density: float | None = None
+    max_act: float | None = None
+    mean_act: float | None = None
+    hist_edges: list[float] | None = None
+    hist_counts: list[int] | None = None
+    top: list[Example] = field(default_factory=list)
+    quantiles: list[Example] = field(default_factory=list)
+
+
+@dataclass
+class Baseline:
+    """Random-prompt baseline of an objective (``baselines``, paper §3.5)."""
+
+    objective_key: str
+    n: int
+    length: int
+    mean: float
+    std: float
+    max: float
+
+
+@dataclass
+class Comparison:
+    """Dreams vs dataset for a target (``comparisons``)."""
+
+    scan_id: str
+    dream_max: float | None
+    data_max: float | None
+    ratio: float | None
+    dream_best_ce_limit: float | None
+    data_best_ce_limit: float | None
+    dream_best_in_dist: float | None
+    data_best_in_dist: float | None
+    dream_z: float | None
+    data_z: float | None
+    n_beating: int | None
+    attribution_overlap: float | None
+    beats_data: bool | None
+    beats_data_in_dist: bool | None
+    metrics: dict[str, Any]
+
+
+@dataclass
+class Score:
+    """A detection score of an explanation (``explain_scores``)."""
+
+    holdout_set: str
+    baseline: bool
+    metric: str
+    value: float
+    n: int
+
+
+@dataclass
+class Explanation:
+    """An LLM explanation of a target and its scores (``explanations``)."""
+
+    explanation_id: str
+    source: str
+    model: str
+    text: str
+    scores: list[Score]
+
+    def score_table(self) -> list[dict[str, Any]]:
+        """Rows ``{holdout_set, metric, value, baseline, n}``: this explanation's score and the
+        score of another latent's explanation on the same held-out set (None when absent)."""
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for s in self.scores:
+            r = rows.setdefault((s.holdout_set, s.metric), {"holdout_set": s.holdout_set, "metric": s.metric, "value": None, "baseline": None, "n": s.n})
+            r["baseline" if s.baseline else "value"] = s.value
+        return [rows[k] for k in sorted(rows)]
+
+
+@dataclass
+class TargetData:
+    """Everything one latent (or combination) page shows."""
+
+    target_id: str
+    latents: list[int]
+    combine: str | None
+    log10_density: list[float | None]
+    density_source: str | None
+    model_key: str
+    sae_key: str
+    hook_name: str
+    units: list[UnitInfo] = field(default_factory=list)
+    dream_runs: list[DreamRun] = field(default_factory=list)
+    prompts: list[DreamPrompt] = field(default_factory=list)  # all seeds, activation desc
+    history: list[HistoryPoint] = field(default_factory=list)
+    comparison: Comparison | None = None
+    scan: ScanInfo | None = None
+    latent_scans: list[LatentScan] = field(default_factory=list)
+    baselines: list[Baseline] = field(default_factory=list)
+    objective_windows: list[tuple[float, float]] = field(default_factory=list)  # combination: (window CE, objective) of dataset windows
+    explanations: list[Explanation] = field(default_factory=list)
+    explain_failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def is_combination(self) -> bool:
+        return len(self.latents) > 1
+
+    @property
+    def dream_max(self) -> float | None:
+        """Comparison's dream max, else the best frontier activation, else None."""
+        if self.comparison and self.comparison.dream_max is not None:
+            return self.comparison.dream_max
+        return max((p.activation for p in self.prompts), default=None)
+
+    @property
+    def data_max(self) -> float | None:
+        """Comparison's dataset max (window fed alone); None without a comparison."""
+        return self.comparison.data_max if self.comparison else None
+
+    def unit(self, stage: str) -> UnitInfo | None:
+        """This target's unit of a stage, else the run-level ('*') one."""
+        own = [u for u in self.units if u.stage == stage and u.target_id == self.target_id]
+        run = [u for u in self.units if u.stage == stage and u.target_id == "*"]
+        return (own or run or [None])[0]
+
+    def summary_explanation(self) -> Explanation | None:
+        """The explanation shown on the index (source order: both, dataset, dreams)."""
+        for src in EXPLANATION_PREFERENCE:
+            for e in self.explanations:
+                if e.source == src:
+                    return e
+        return self.explanations[0] if self.explanations else None
+
+
+@dataclass
+class CompareSummary:
+    """Batch summary of the compare stage (``compare_summary``)."""
+
+    n_targets: int
+    frac_beats: float | None
+    frac_beats_in_dist: float | None
+    ce_mean: float | None
+    ce_std: float | None
+    in_dist_threshold: float | None
+
+
+@dataclass
+class RunData:
+    """A whole run: its metadata, every target, and the batch summary."""
+
+    run: RunInfo
+    targets: list[TargetData]
+    compare_summary: CompareSummary | None
+    units: list[UnitInfo]
+    failures: list[tuple[str, str]] = field(default_factory=list)  # run-level explain failures (what, why)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _json(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        v = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def _floats(xs: Any) -> list[float] | None:
+    return None if xs is None else [float("nan") if x is None else float(x) for x in xs]
+
+
+class _Reader:
+    """Store reads that tolerate tables an older database does not have."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.tables = set(store.tables())
+
+    def rows(self, table: str, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return self.store.fetch(sql, params) if table in self.tables else []
+
+
+_SEED_RE = re.compile(r"seed(-?\d+)$")
+
+
+def _seed_of(dream_id: str, seeds: dict[str, int]) -> int:
+    if dream_id in seeds:
+        return seeds[dream_id]
+    m = _SEED_RE.search(dream_id)
+    return int(m.group(1)) if m else 0
+
+
+def neuronpedia_id_for(sae_key: str, summary: dict[str, Any]) -> str | None:
+    """The SAE's Neuronpedia id: ``runs.summary_json['neuronpedia_id']`` when present, else the
+    ``metadata.neuronpedia_id`` of a local SAE's ``cfg.json`` (a registry SAE's id is not
+    stored), else None."""
+    np_id = summary.get("neuronpedia_id")
+    if isinstance(np_id, str) and np_id:
+        return np_id
+    cfg_path = Path(sae_key) / "cfg.json"
+    try:
+        meta = json.loads(cfg_path.read_text()).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    np_id = meta.get("neuronpedia_id") if isinstance(meta, dict) else None
+    return np_id if isinstance(np_id, str) and np_id else None
+
+
+# ---------------------------------------------------------------------------- loaders
+def latest_run_id(store: Store) -> str:
+    """The most recently started run that has targets (else the most recent run).
+
+    Raises:
+        ReverieError: the database has no runs.
+    """
+    row = store.fetch_one(
+        "SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM targets t WHERE t.run_id = r.run_id) "
+        "ORDER BY r.started_at DESC LIMIT 1"
+    ) or store.fetch_one("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
+    if not row:
+        raise ReverieError(f"no runs in {store.path}: run `reverie targets` (or `reverie nightly`) first")
+    return row["run_id"]
+
+
+def load_run_info(store: Store, run_id: str) -> RunInfo:
+    """Read one run's metadata.
+
+    Raises:
+        ReverieError: no such run (the message lists the latest run ids).
+    """
+    row = store.fetch_one("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    if row is None:
+        recent = [r["run_id"] for r in store.fetch("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5")]
+        raise ReverieError(f"run {run_id!r} not found in {store.path}; recent runs: {', '.join(recent) or 'none'}. Pass --run with one of them.")
+    summary = _json(row["summary_json"])
+    return RunInfo(
+        run_id=row["run_id"], kind=row["kind"], status=row["status"], started_at=row["started_at"],
+        ended_at=row["ended_at"], wall_s=row["wall_s"], code_version=row["code_version"],
+        config_hash=row["config_hash"], config=_json(row["config_json"]), summary=summary,
+    )
+
+
+def _find_scan(rd: _Reader, target: dict[str, Any], scan_id: str | None) -> ScanInfo | None:
+    """The comparison's scan, else the latest 'done' scan of the same model, SAE and hook point
+    whose latents cover the target's."""
+    if scan_id:
+        rows = rd.rows("scans", "SELECT * FROM scans WHERE scan_id = ?", [scan_id])
+        how = "comparison"
+    else:
+        rows = [
+            r for r in rd.rows(
+                "scans",
+                "SELECT * FROM scans WHERE status = 'done' AND model_key = ? AND sae_key = ? AND hook_name = ? ORDER BY updated_at DESC",
+                [target["model_key"], target["sae_key"], target["hook_name"]],
+            )
+            if set(target["latents"]) <= set(r["latents"] or [])
+        ][:1]
+        how = "latest covering scan"
+    if not rows:
+        return None
+    r = rows[0]
+    return ScanInfo(
+        scan_id=r["scan_id"], status=r["status"], tokens_seen=int(r["tokens_seen"]), n_contexts=int(r["n_contexts"]),
+        window_len=r["window_len"], ce_mean=r["ce_mean"], ce_std=r["ce_std"], in_dist_threshold=r["in_dist_threshold"],
+        corpus=_json(r["corpus_json"]), created_at=r["created_at"], chosen_by=how,
+    )
+
+
+def _example(r: dict[str, Any]) -> Example:
+    return Example(
+        latent=int(r["latent"]), kind=r["kind"], rank=int(r["rank"]), bin=r["bin"], tokens=list(r["tokens"]),
+        acts=_floats(r["acts"]) or [], max_act=float(r["max_act"]), max_pos=int(r["max_pos"]),
+        window_ce=r["window_ce"], window_act=r["window_act"],
+    )
+
+
+def _latent_scan(rd: _Reader, scan_id: str, latent: int, n_top: int, n_per_bin: int) -> LatentScan:
+    ls = LatentScan(latent=latent)
+    for r in rd.rows("scan_latents", "SELECT * FROM scan_latents WHERE scan_id = ? AND latent = ?", [scan_id, latent]):
+        ls.n_tokens, ls.n_firing, ls.density = r["n_tokens"], r["n_firing"], r["density"]
+        ls.max_act, ls.mean_act = r["max_act"], r["mean_act"]
+        ls.hist_edges, ls.hist_counts = _floats(r["hist_edges"]), r["hist_counts"]
+    ls.top = [_example(r) for r in rd.rows(
+        "scan_examples", "SELECT * FROM scan_examples WHERE scan_id = ? AND latent = ? AND kind = 'top' ORDER BY rank LIMIT ?",
+        [scan_id, latent, n_top])]
+    ls.quantiles = [_example(r) for r in rd.rows(
+        "scan_examples",
+        "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY bin ORDER BY rank) AS k FROM scan_examples "
+        "WHERE scan_id = ? AND latent = ? AND kind = 'quantile') WHERE k <= ? ORDER BY bin DESC NULLS LAST, rank",
+        [scan_id, latent, n_per_bin])]
+    return ls
+
+
+def _dreams(rd: _Reader, td: TargetData, run_id: str) -> None:
+    runs = rd.rows("dream_runs", "SELECT * FROM dream_runs WHERE run_id = ? AND target_id = ? ORDER BY seed", [run_id, td.target_id])
+    td.dream_runs = [
+        DreamRun(dream_id=r["dream_id"], seed=int(r["seed"]), objective=r["objective"], n_iterations=int(r["n_iterations"]),
+                 n_candidates=int(r["n_candidates"]), wall_s=float(r["wall_s"]), config=_json(r["config_json"]),
+                 objective_key=r.get("objective_key"), stop_reason=r.get("stop_reason"))
+        for r in runs
+    ]
+    if not runs:
+        return
+    seeds = {d.dream_id: d.seed for d in td.dream_runs}
+    ids = list(seeds)
+    marks = ", ".join("?" for _ in ids)
+    attrs: dict[tuple[str, int], list[AttributionToken]] = {}
+    for r in rd.rows("dream_attributions", f"SELECT * FROM dream_attributions WHERE dream_id IN ({marks}) ORDER BY dream_id, idx, position", ids):
+        try:
+            reps = [(str(x.get("token", "")), float(x.get("activation", float("nan")))) for x in json.loads(r["replacements_json"] or "[]")]
+        except (TypeError, ValueError, AttributeError):
+            reps = []
+        attrs.setdefault((r["dream_id"], int(r["idx"])), []).append(
+            AttributionToken(position=int(r["position"]), token=r["token"], drop_worst=float(r["drop_worst"]),
+                             drop_best=float(r["drop_best"]), replacements=reps))
+    td.prompts = [
+        DreamPrompt(
+            dream_id=r["dream_id"], seed=_seed_of(r["dream_id"], seeds), idx=int(r["idx"]), tokens=list(r["tokens"]),
+            text=r["text"], activation=float(r["activation"]), ce=float(r["ce"]), perplexity=float(r["perplexity"]),
+            lam=r["lam"], iteration=int(r["iteration"]), token_acts=_floats(r["token_acts"]),
+            latent_acts=_floats(r["latent_acts"]), attribution=attrs.get((r["dream_id"], int(r["idx"]))),
+        )
+        for r in rd.rows("dream_prompts", f"SELECT * FROM dream_prompts WHERE dream_id IN ({marks}) ORDER BY activation DESC, dream_id, idx", ids)
+    ]
+    td.history = [
+        HistoryPoint(seed=_seed_of(r["dream_id"], seeds), iteration=int(r["iteration"]), activation=float(r["activation"]), ce=float(r["ce"]))
+        for r in rd.rows("dream_history", f"SELECT * FROM dream_history WHERE dream_id IN ({marks}) ORDER BY dream_id, iteration, ce", ids)
+    ]
+
+
+def _comparison(r: dict[str, Any]) -> Comparison:
+    keys = [f for f in Comparison.__dataclass_fields__ if f != "metrics"]
+    return Comparison(**{k: r.get(k) for k in keys}, metrics=_json(r.get("metrics_json")))
+
+
+def _explanations(rd: _Reader, td: TargetData, run_id: str) -> None:
+    rows = rd.rows("explanations", "SELECT * FROM explanations WHERE run_id = ? AND target_id = ? ORDER BY source, created_at", [run_id, td.target_id])
+    for r in rows:
+        scores = [Score(holdout_set=s["holdout_set"], baseline=bool(s["baseline"]), metric=s["metric"], value=float(s["value"]), n=int(s["n"]))
+                  for s in rd.rows("explain_scores", "SELECT * FROM explain_scores WHERE explanation_id = ?", [r["explanation_id"]])]
+        td.explanations.append(Explanation(explanation_id=r["explanation_id"], source=r["source"], model=r["model"], text=r["text"], scores=scores))
+    td.explain_failures = [(r["what"], r["why"]) for r in rd.rows(
+        "explain_failures", "SELECT what, why FROM explain_failures WHERE run_id = ? AND target_id = ? ORDER BY created_at", [run_id, td.target_id])]
+
+
+def load_target(store: Store, run_id: str, target_id: str, n_top: int = 20, n_per_bin: int = 2) -> TargetData:
+    """Read one target's page data: dreams (all seeds), comparison, scan side, explanations.
+
+    Args:
+        n_top: top-k dataset examples read per latent (and combination windows).
+        n_per_bin: quantile samples read per activation decile.
+    Raises:
+        ReverieError: the run has no such target.
+    """
+    rd = _Reader(store)
+    t = store.fetch_one("SELECT * FROM targets WHERE run_id = ? AND target_id = ?", [run_id, target_id])
+    if t is None:
+        raise ReverieError(f"target {target_id!r} is not part of run {run_id!r}")
+    td = TargetData(
+        target_id=t["target_id"], latents=[int(x) for x in t["latents"]], combine=t["combine"],
+        log10_density=list(t["log10_density"] or [None] * len(t["latents"])), density_source=t["density_source"],
+        model_key=t["model_key"], sae_key=t["sae_key"], hook_name=t["hook_name"],
+    )
+    td.units = [UnitInfo(stage=u["stage"], target_id=u["target_id"], status=u["status"], wall_s=u["wall_s"], error=u["error"])
+                for u in rd.rows("units", "SELECT * FROM units WHERE run_id = ? AND target_id IN (?, '*') ORDER BY stage", [run_id, target_id])]
+    _dreams(rd, td, run_id)
+    comp = rd.rows("comparisons", "SELECT * FROM comparisons WHERE run_id = ? AND target_id = ?", [run_id, target_id])
+    td.comparison = _comparison(comp[0]) if comp else None
+    td.scan = _find_scan(rd, t, td.comparison.scan_id if td.comparison else None)
+    if td.scan:
+        td.latent_scans = [_latent_scan(rd, td.scan.scan_id, lat, n_top, n_per_bin) for lat in td.latents]
+        # the dream runs' objective keys when stored, else any objective of this target id
+        keys = {d.objective_key for d in td.dream_runs if d.objective_key}
+        td.baselines = [
+            Baseline(objective_key=b["objective_key"], n=int(b["n"]), length=int(b["length"]), mean=float(b["mean"]), std=float(b["std"]), max=float(b["max"]))
+            for b in rd.rows("baselines", "SELECT * FROM baselines WHERE scan_id = ? ORDER BY objective_key", [td.scan.scan_id])
+            if (b["objective_key"] in keys if keys else b["objective_key"].rsplit(":", 1)[-1] == target_id)
+        ]
+        if td.is_combination:
+            td.objective_windows = [
+                (float(r["window_ce"]), float(r["window_act"])) for r in rd.rows(
+                    "scan_objective_examples",
+                    "SELECT objective_key, window_ce, window_act FROM scan_objective_examples WHERE scan_id = ? "
+                    "AND window_ce IS NOT NULL AND window_act IS NOT NULL ORDER BY rank", [td.scan.scan_id])
+                if r["objective_key"].rsplit(":", 1)[-1] == target_id
+            ][:n_top]
+    _explanations(rd, td, run_id)
+    return td
+
+
+def load_run(store: Store, run_id: str, n_top: int = 20, n_per_bin: int = 2) -> RunData:
+    """Read a whole run for the report: metadata, every target's page data, batch summary.
+
+    Raises:
+        ReverieError: no such run.
+    """
+    rd = _Reader(store)
+    run = load_run_info(store, run_id)
+    ids = [r["target_id"] for r in store.fetch("SELECT target_id FROM targets WHERE run_id = ?", [run_id])]
+    ids.sort(key=lambda s: (s.count("+"), [int(x) if x.isdigit() else 0 for x in s.split("+")], s))
+    targets = [load_target(store, run_id, tid, n_top=n_top, n_per_bin=n_per_bin) for tid in ids]
+    if targets:
+        run.neuronpedia_id = neuronpedia_id_for(targets[0].sae_key, run.summary)
+    cs = rd.rows("compare_summary", "SELECT * FROM compare_summary WHERE run_id = ?", [run_id])
+    summary = CompareSummary(**{k: cs[0][k] for k in CompareSummary.__dataclass_fields__}) if cs else None
+    units = [UnitInfo(stage=u["stage"], target_id=u["target_id"], status=u["status"], wall_s=u["wall_s"], error=u["error"])
+             for u in rd.rows("units", "SELECT * FROM units WHERE run_id = ? AND target_id = '*' ORDER BY stage", [run_id])]
+    failures = [(r["what"], r["why"]) for r in rd.rows(
+        "explain_failures", "SELECT what, why FROM explain_failures WHERE run_id = ? AND target_id = '*' ORDER BY created_at", [run_id])]
+    return RunData(run=run, targets=targets, compare_summary=summary, units=units, failures=failures)
