@@ -10,7 +10,10 @@ CREATE TABLE dream_runs (
     n_iterations  INTEGER NOT NULL,
     n_candidates  BIGINT NOT NULL,
     wall_s        DOUBLE NOT NULL,
-    created_at    TIMESTAMP NOT NULL
+    created_at    TIMESTAMP NOT NULL,
+    objective_key VARCHAR,                   -- Objective.key, e.g. 'pre:last:123' (baseline key)
+    stop_reason   VARCHAR,                   -- 'iterations' | 'time_budget' | 'early_stop'
+    timing_json   VARCHAR                    -- seconds in gradient / proposal / evaluation / selection
 );
 
 CREATE TABLE dream_prompts (
@@ -22,7 +25,7 @@ CREATE TABLE dream_prompts (
     activation    DOUBLE NOT NULL,           -- objective value f(t)
     ce            DOUBLE NOT NULL,           -- mean self-cross-entropy, nats/token
     perplexity    DOUBLE NOT NULL,           -- exp(ce)
-    lam           DOUBLE,                    -- λ of the slot that selected it
+    lam           DOUBLE,                    -- λ of the population slot whose member proposed it
     iteration     INTEGER NOT NULL,          -- iteration it was first evaluated
     token_acts    DOUBLE[],                  -- objective quantity at each optimized position
     latent_acts   DOUBLE[],                  -- per-latent value at the read position (combinations)
