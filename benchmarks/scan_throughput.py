@@ -6,7 +6,7 @@ blocks.6.hook_resid_pre, C4 corpus):
 
 * scan tokens/s: ``stages.scan.scan_pass`` (tokenization, model to the hook layer, latent
   activations of the targets, streaming top-k / histograms / samples);
-* bare tokens/s: ``model(tokens, stop_at_layer=layer + 1)`` on the very same padded batches,
+* bare tokens/s: ``model(tokens, stop_at_layer=subject.stop_at_layer)`` on the very same padded batches,
   pre-tokenized (the limit the scan can reach);
 * memory of the scan pass for two corpus lengths 10× apart, each in a fresh process: the
   process's peak RSS, its RSS at the end of the pass, and the size of the streaming state
@@ -95,11 +95,11 @@ def same_batches(cfg: ReverieConfig, subject: Subject) -> tuple[list[torch.Tenso
 
 
 def bare_forward(subject: Subject, batches: list[torch.Tensor]) -> float:
-    """Seconds for ``model(tokens, stop_at_layer=layer + 1)`` over all batches."""
+    """Seconds for ``model(tokens, stop_at_layer=subject.stop_at_layer)`` over all batches."""
     t0 = time.perf_counter()
     with torch.no_grad():
         for b in batches:
-            subject.model(b.to(subject.device), stop_at_layer=subject.layer + 1)
+            subject.model(b.to(subject.device), stop_at_layer=subject.stop_at_layer)
     return time.perf_counter() - t0
 
 

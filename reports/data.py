@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.errors import ReverieError
 from pipeline.store import Store
+from stages.scan.windows import Baseline
 
 #: preference order of explanation sources for the index's one-line summary
 EXPLANATION_PREFERENCE = ("both", "dataset", "dreams")
@@ -189,18 +190,6 @@ class LatentScan:
     hist_counts: list[int] | None = None
     top: list[Example] = field(default_factory=list)
     quantiles: list[Example] = field(default_factory=list)
-
-
-@dataclass
-class Baseline:
-    """Random-prompt baseline of an objective (``baselines``, paper §3.5)."""
-
-    objective_key: str
-    n: int
-    length: int
-    mean: float
-    std: float
-    max: float
 
 
 @dataclass

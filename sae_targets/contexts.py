@@ -57,21 +57,26 @@ def pad_batch(contexts: list[Context], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def hook_activations(subject: Subject, tokens: torch.Tensor) -> torch.Tensor:
-    """Run the model only up to the hook's block and return the hook activation.
+    """Run the model only as far as the hook point needs and return the hook activation.
+
+    For ``blocks.L.hook_resid_pre`` the residual stream entering block L is what
+    ``model(tokens, stop_at_layer=L)`` returns, so blocks L.. never run; any other hook in
+    block L runs blocks 0..L with a capturing hook.
 
     Args:
         tokens: int64 [B, T] on any device.
     Returns:
         [B, T, d_in] float activations at ``subject.hook_name`` (no gradient).
     """
-    store: dict[str, torch.Tensor] = {}
-
-    def grab(act, hook):
-        store["x"] = act
-        return act
-
+    tokens = tokens.to(subject.device)
     with torch.no_grad():
-        subject.model.run_with_hooks(
-            tokens.to(subject.device), stop_at_layer=subject.layer + 1, fwd_hooks=[(subject.hook_name, grab)]
-        )
+        if subject.stop_at_layer == subject.layer:
+            return subject.model(tokens, stop_at_layer=subject.layer)
+        store: dict[str, torch.Tensor] = {}
+
+        def grab(act, hook):
+            store["x"] = act
+            return act
+
+        subject.model.run_with_hooks(tokens, stop_at_layer=subject.stop_at_layer, fwd_hooks=[(subject.hook_name, grab)])
     return store["x"]

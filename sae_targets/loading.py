@@ -62,6 +62,12 @@ class Subject:
         return self.model.cfg.device if isinstance(self.model.cfg.device, torch.device) else torch.device(self.model.cfg.device)
 
     @property
+    def stop_at_layer(self) -> int:
+        """Blocks the model must run to produce the hook activation: L for ``blocks.L.hook_resid_pre``
+        (the residual entering block L is what ``model(..., stop_at_layer=L)`` returns), else L + 1."""
+        return self.layer if self.hook_name == f"blocks.{self.layer}.hook_resid_pre" else self.layer + 1
+
+    @property
     def d_in(self) -> int:
         return int(self.sae.cfg.d_in)
 

@@ -220,3 +220,9 @@ def test_hub_unreachable_without_offline_flag_fails_fast(monkeypatch):
     with pytest.raises(OfflineError, match="cannot reach the Hugging Face hub"):
         load_model(cfg.model)
     assert time.time() - t < 10
+
+
+def test_hook_activations_stop_early_equals_hooked_full_forward(subject, heldout_texts):
+    ids = torch.tensor([_tokens(subject, heldout_texts, n=1)[0]])
+    _, cache = subject.model.run_with_cache(ids, names_filter=subject.hook_name)
+    assert torch.allclose(hook_activations(subject, ids), cache[subject.hook_name], atol=1e-6)
