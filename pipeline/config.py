@@ -214,6 +214,7 @@ class RunConfig(Section):
     ray_num_cpus_per_task: float = Field(1.0, gt=0, description="Ray: CPUs per dream task.")
     ray_num_gpus_per_task: float = Field(0.0, ge=0, description="Ray: GPUs per dream task (e.g. 1).")
     run_id: str | None = Field(None, description="Run id (default: 'nightly-<date>'); rerunning the same id resumes it.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads of the driver and each worker (None = torch's default). Tiny models run fastest with 1.")
 
 
 class ReverieConfig(Section):

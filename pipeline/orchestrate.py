@@ -182,6 +182,10 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
     from sae_targets.selection import select_targets
 
     t0 = time.time()
+    if cfg.run.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.torch_threads)
     run_id = run_id or cfg.run.run_id or default_run_id()
     summary = NightlySummary(run_id=run_id)
     project = cfg.project.path
@@ -228,7 +232,11 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
 
             executor = make_executor(cfg, subject)
             log.info("dreaming %d targets on the %s executor", len(todo), executor.name)
-            for target, results in executor.map_dreams(todo):
+            from tqdm import tqdm
+
+            units = tqdm(executor.map_dreams(todo), total=len(todo), desc="dream units", unit="target")
+            for target, results in units:
+                units.set_postfix_str(f"last {target.target_id}")
                 started = now_utc()
                 if isinstance(results, Exception):
                     ledger.record(target.target_id, "dream", "failed", started, f"{type(results).__name__}: {results}")

@@ -49,7 +49,7 @@ def test_targets_prints_demo_latents(tmp_path):
     from pipeline.store import Store
 
     with Store(tmp_path) as s:
-        assert s.fetch_one("SELECT count(*) AS n FROM targets")["n"] == 16  # two runs × 8
+        assert s.fetch_one("SELECT count(*) AS n FROM targets")["n"] == 18  # two runs × (8 random + 1 combination)
         assert s.fetch_one("SELECT count(DISTINCT run_id) AS n FROM runs WHERE status = 'done'")["n"] == 2
 
 

@@ -29,7 +29,8 @@ LATENTS = [5, 9, 100]  # 9 is dense (~12% of tokens): many candidates and repeat
 
 def _small(cfg, **kw):
     base = {"scan.max_tokens": 6000, "scan.batch_size": 4, "scan.top_k": 12, "scan.window_ce_samples": 64,
-            "scan.baseline_prompts": 64, "scan.random_prompt_examples": 4, "scan.checkpoint_every": 2}
+            "scan.baseline_prompts": 64, "scan.random_prompt_examples": 4, "scan.checkpoint_every": 2,
+            "targets.combinations": []}
     base.update(kw)
     data = cfg.to_toml_dict()
     for k, v in base.items():
@@ -97,7 +98,8 @@ def _rows(store: Store, sid: str) -> dict[str, list[dict]]:
 
 def test_killed_scan_resumes_to_the_rows_of_an_uninterrupted_scan(demo_cfg, subject, tmp_path):
     sets = {"scan.max_tokens": 30000, "scan.batch_size": 4, "scan.top_k": 8, "scan.window_ce_samples": 64,
-            "scan.baseline_prompts": 64, "scan.random_prompt_examples": 4, "scan.checkpoint_every": 2}
+            "scan.baseline_prompts": 64, "scan.random_prompt_examples": 4, "scan.checkpoint_every": 2,
+            "targets.combinations": []}
     killed_dir, fresh_dir = tmp_path / "killed", tmp_path / "fresh"
     cmd = [sys.executable, "-m", "pipeline.cli", "scan", "--config", str(REPO / "configs" / "demo.toml"),
            "--project-dir", str(killed_dir), "--latent", "5", "--latent", "9"]

@@ -20,7 +20,7 @@ def test_same_seed_same_latents(subject, demo_cfg):
     b, _ = select_targets(subject, demo_cfg.targets, demo_cfg.scan.corpus)
     assert src == "sparsity.safetensors"
     assert [t.latents for t in a] == [t.latents for t in b]
-    assert len(a) == 8
+    assert len(a) == 9 and a[-1].target_id == "552+1300"  # 8 random + the demo combination
     cfg2 = demo_cfg.model_copy(deep=True)
     cfg2.targets.seed = 1
     c, _ = select_targets(subject, cfg2.targets, cfg2.scan.corpus)
@@ -57,7 +57,7 @@ def test_density_from_corpus_scan_when_no_sparsity_file(shared, tmp_path):
     shutil.copytree(shared / "saes" / "tinystories-656k-res" / "standard-1024", dst)
     (dst / "sparsity.safetensors").unlink()
     cfg = load_config(DEMO_CONFIG, {"sae.path": str(dst), "targets.density_scan_tokens": 8000,
-                                    "scan.corpus.path": "{shared}/corpora/tinystories-heldout.jsonl"})
+                                    "scan.corpus.path": "{shared}/corpora/tinystories-heldout.jsonl", "targets.combinations": []})
     s = load_subject(cfg.model, cfg.sae)
     assert s.log10_density is None
     ts, src = select_targets(s, cfg.targets, cfg.scan.corpus)
