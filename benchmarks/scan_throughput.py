@@ -160,11 +160,14 @@ def main() -> None:
     ap.add_argument("--memory-tokens", type=int, default=30_000, help="demo memory: this and 10× this corpus tokens")
     ap.add_argument("--gpt2-memory-tokens", type=int, default=1_000)
     ap.add_argument("--skip-gpt2", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._memory:
         memory_child(a._memory[0], int(a._memory[1]), int(a._memory[2]))
         return
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     print(f"torch threads {torch.get_num_threads()}, device cpu")
     runs = [("demo (TinyStories-656K, 2 layers)", demo_setup, a.demo_tokens)]

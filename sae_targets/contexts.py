@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+import queue
+import threading
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 
@@ -39,6 +41,56 @@ def iter_contexts(subject: Subject, docs: Iterable[str], context_size: int, min_
             chunk = ids[s : s + body]
             if len(chunk) >= min_tokens:
                 yield Context(doc_idx=d, start=s, ids=subject.with_bos(chunk))
+
+
+T = TypeVar("T")
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch(items: Iterable[T], size: int) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, at most ``size`` items ahead, in order.
+
+    Used so that reading and tokenizing the corpus overlaps the model's forward pass (torch
+    releases the GIL). An exception in the producer is re-raised in the consumer; closing the
+    iterator stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, size))
+    stop = threading.Event()
+
+    def put(x: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Failure(e))
+
+    threading.Thread(target=work, daemon=True, name="reverie-prefetch").start()
+    try:
+        while True:
+            x = q.get()
+            if x is _END:
+                return
+            if isinstance(x, _Failure):
+                raise x.error
+            yield x
+    finally:
+        stop.set()
 
 
 def pad_batch(contexts: list[Context], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
