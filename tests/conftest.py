@@ -63,3 +63,15 @@ def heldout_texts(shared) -> list[str]:
 
     lines = (shared / "corpora" / "tinystories-heldout.jsonl").read_text().splitlines()
     return [json.loads(l)["text"] for l in lines[:16]]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny-model work on one torch thread (intra-op threads only add overhead,
+    and stall badly on a busy 2-core machine); restores the previous count after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

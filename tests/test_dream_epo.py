@@ -17,13 +17,7 @@ SMALL = dict(population=4, children=16, topk=64, iterations=30, restart_every=10
 BANNED = ["the▁", "was▁", ".", "girl "]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny model: intra-op threads only add overhead (and stall badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

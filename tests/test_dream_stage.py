@@ -10,12 +10,7 @@ from sae_targets.selection import Target
 from stages.dream import dream_target, format_frontier, merge_results, write_dream
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
