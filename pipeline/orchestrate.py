@@ -273,6 +273,10 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
         # report ----------------------------------------------------------------
         from reports.render import render_reports
 
+        # the index shows the run's status and wall time: record them before rendering
+        store.finish_run(run_id, "failed" if summary.failed else "done", time.time() - t0,
+                         {"done": summary.done, "failed": summary.failed, "skipped": summary.skipped})
+
         ok, index = ledger.run(RUN_LEVEL, "report", lambda: render_reports(cfg, store, run_id), atomic=False)
         summary.index_html = index
     finally:
