@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-import queue
-import threading
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator
 
 import torch
 
@@ -27,70 +26,24 @@ class Context:
     ids: list[int]
 
 
-def iter_contexts(subject: Subject, docs: Iterable[str], context_size: int, min_tokens: int = 2, doc_offset: int = 0) -> Iterator[Context]:
+def iter_contexts(subject: Subject, docs: Iterable[str], context_size: int, min_tokens: int = 2, doc_offset: int = 0,
+                  tokenize_batch: int = 64) -> Iterator[Context]:
     """Split each document into consecutive contexts of at most ``context_size`` tokens.
 
     Each context starts with BOS when ``subject.prepend_bos`` (so it holds ``context_size - 1``
     corpus tokens); contexts never span two documents. Chunks with fewer than ``min_tokens``
-    corpus tokens are dropped.
+    corpus tokens are dropped. Documents are tokenized ``tokenize_batch`` at a time (one call
+    into the fast tokenizer per batch), lazily, so streaming stays bounded.
     """
     body = context_size - (1 if subject.prepend_bos and subject.bos_id is not None else 0)
-    for d, text in enumerate(docs, start=doc_offset):
-        ids = subject.encode(text)
-        for s in range(0, len(ids), body):
-            chunk = ids[s : s + body]
-            if len(chunk) >= min_tokens:
-                yield Context(doc_idx=d, start=s, ids=subject.with_bos(chunk))
-
-
-T = TypeVar("T")
-_END = object()
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def prefetch(items: Iterable[T], size: int) -> Iterator[T]:
-    """Iterate ``items`` in a background thread, at most ``size`` items ahead, in order.
-
-    Used so that reading and tokenizing the corpus overlaps the model's forward pass (torch
-    releases the GIL). An exception in the producer is re-raised in the consumer; closing the
-    iterator stops the producer.
-    """
-    q: queue.Queue = queue.Queue(maxsize=max(1, size))
-    stop = threading.Event()
-
-    def put(x: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for x in items:
-                if not put(x):
-                    return
-            put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(_Failure(e))
-
-    threading.Thread(target=work, daemon=True, name="reverie-prefetch").start()
-    try:
-        while True:
-            x = q.get()
-            if x is _END:
-                return
-            if isinstance(x, _Failure):
-                raise x.error
-            yield x
-    finally:
-        stop.set()
+    numbered = enumerate(docs, start=doc_offset)
+    while chunk := list(itertools.islice(numbered, tokenize_batch)):
+        encoded = subject.tokenizer([t for _, t in chunk], add_special_tokens=False)["input_ids"]
+        for (d, _), ids in zip(chunk, encoded):
+            for s in range(0, len(ids), body):
+                piece = ids[s : s + body]
+                if len(piece) >= min_tokens:
+                    yield Context(doc_idx=d, start=s, ids=subject.with_bos(piece))
 
 
 def pad_batch(contexts: list[Context], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,22 +103,3 @@ def test_samples_are_order_independent_and_deciles_respect_ranges():
     low = [i for i in range(2000) if (int(values[i] / w) + 0.5) * w / vmax * 10 < 1]
     assert deciles[0] == sorted(low, key=lambda i: pr[i])[:3]
 
-
-def test_prefetch_keeps_order_and_reraises():
-    from sae_targets.contexts import prefetch
-
-    assert list(prefetch(iter(range(1000)), 7)) == list(range(1000))
-
-    def bad():
-        yield 1
-        raise ValueError("corrupt corpus line")
-
-    it = prefetch(bad(), 2)
-    assert next(it) == 1
-    import pytest
-
-    with pytest.raises(ValueError, match="corrupt corpus line"):
-        next(it)
-    early = prefetch(iter(range(10**6)), 3)
-    assert next(early) == 0
-    early.close()  # the producer stops instead of reading the whole stream

@@ -36,7 +36,7 @@ from pipeline.corpus import corpus_identity, iter_documents
 from pipeline.errors import ReverieError
 from pipeline.store import Store, now
 from sae_targets.activations import latent_activations, read_latents
-from sae_targets.contexts import Context, hook_activations, iter_contexts, pad_batch, prefetch
+from sae_targets.contexts import Context, hook_activations, iter_contexts, pad_batch
 from sae_targets.loading import Subject, check_latents
 from sae_targets.objectives import Objective, build_objective
 from sae_targets.selection import Target
@@ -297,7 +297,7 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
                           random_samples=s.random_samples, window_samples=s.window_ce_samples)
     body0 = _body0(subject)
     pad = subject.tokenizer.pad_token_id or 0
-    stream = prefetch(_context_stream(cfg, subject, state), size=4 * s.batch_size)  # tokenize while the model runs
+    stream = _context_stream(cfg, subject, state)
     bar = tqdm(total=s.max_tokens, initial=min(state.tokens_seen, s.max_tokens), unit="tok", unit_scale=True,
                desc="scan", disable=not progress, smoothing=0.1)
     try:
@@ -325,7 +325,6 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
             if on_checkpoint is not None and state.n_batches % s.checkpoint_every == 0:
                 on_checkpoint(state)
     finally:
-        stream.close()
         bar.close()
     if state.tokens_seen == 0:
         raise ReverieError("the scan corpus gave no tokens: check scan.corpus (empty files, wrong text_column?)")
