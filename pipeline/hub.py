@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 
@@ -24,11 +25,17 @@ def check_hub_reachable(what: str, fix: str, timeout_s: float = 3.0) -> None:
     """
     if hub_offline():
         return  # libraries then read only the local cache and fail fast themselves
+    # the socket timeout does not bound DNS resolution, so the whole probe runs in a thread
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    probe = pool.submit(lambda: socket.create_connection((HUB_HOST, 443), timeout=timeout_s).close())
     try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
-            return
+        probe.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        raise OfflineError(f"cannot reach the Hugging Face hub to load {what} (no answer within {timeout_s:g} s). {fix}") from None
     except OSError as e:
         raise OfflineError(f"cannot reach the Hugging Face hub to load {what} ({e}). {fix}") from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def offline_error(what: str, fix: str, err: Exception) -> OfflineError:
