@@ -118,7 +118,10 @@ class EPOConfig(Section):
     early_stop_patience: int | None = Field(None, description="Stop when the frontier has not improved for this many iterations (None = off).")
     batch_size: int | None = Field(None, description="Children evaluated per forward pass (None = adapt to memory).")
     prefix_cache: bool = Field(True, description="Evaluate children from their parent's cached keys/values before the first edited position (and the fixed prefix's keys/values once); false = full sequences every time.")
-    kv_groups: int | None = Field(None, ge=1, description="With prefix_cache: at most this many forward passes per iteration (children sorted by first edited position, each group starts at its earliest edit). None = one group per distinct first edited position (least compute; on GPUs fewer, larger groups may be faster).")
+    kv_buckets: int = Field(3, ge=1, description="With prefix_cache: children are split into this many fixed ranges of their first edited position; each range is one batched forward from its first position, reusing the parents' keys/values before it (1 = one forward from the fixed prefix; more = less compute, more calls). Chosen by benchmarks/epo_vs_reference.py.")
+    objective_scale: Literal["z", "dataset_max", "raw"] = Field("z", description="What EPO divides the objective by so that λ (nats⁻¹) means the same for every objective: 'z' = σ of the objective over random prompts (z-score units; paper §3.5), 'dataset_max' = the scan's max dataset activation of each latent, 'raw' = nothing. Stored values stay in the latent's own units; lp combinations divide each member latent by its scale.")
+    batch_targets: int | None = Field(None, ge=1, description="Targets (× seeds) dreamed together as one batched EPO search (one gradient pass, one chunked forward per iteration). None = all targets of a unit of work that fit batch_memory_mb.")
+    batch_memory_mb: int = Field(4096, ge=64, description="Memory budget of one batched EPO search (per-target state: parents' log-probs, keys/values, gradients); sets the default batch_targets.")
     # augmentations from the follow-up post (off by default)
     p_logit_proposals: float = Field(0.0, ge=0, le=1, description="Probability a child's token is sampled from the model's own next-token logits at temperature U(0,2).")
     p_no_topk_mask: float = Field(0.0, ge=0, le=1, description="Probability the gradient top-k mask is not applied to a logit proposal.")
@@ -172,10 +175,12 @@ class ScanConfig(Section):
     checkpoint_every: int = Field(20, ge=1, description="Batches between resumable checkpoints.")
     all_latents: bool = Field(False, description="Scan all d_sae latents instead of only the targets.")
     random_prompt_examples: int = Field(20, ge=0, description="Random baseline prompts stored per latent as kind='random_prompt' examples (negatives when scoring explanations on dreams).")
+    window_search_top: int = Field(64, ge=0, description="Top contexts per latent whose every full-length (dream-length) window is evaluated alone after BOS; the Pareto frontier of those windows is the dataset side of the comparison (0 = none searched).")
 
 
 class CompareConfig(Section):
-    ce_limit: float = Field(4.0, description="Fixed CE limit (nats/token) for 'best at CE ≤ limit' (paper Fig. 3 discussion).")
+    ce_limit: float | Literal["p10", "p50", "in_dist"] = Field("p10", description="CE limit (nats/token) of the 'best at CE ≤ limit' columns: a corpus band stored with the scan ('p10' / 'p50' = that percentile of random matched-length corpus windows, 'in_dist' = their mean + 2σ), or a number. The paper's 4 nats (stages.scan.search.PILE_CE_LIMIT) holds for Pile-scale models only.")
+    ce_convention: Literal["rest", "all"] = Field("rest", description="CE the verdicts use: 'rest' = mean over tokens 2..n (the first token unscored: a window cut from a text pays no price for its cut), 'all' = over all n tokens after BOS. 'rest' falls back to 'all' for a target whose dreams have no stored ce_rest (the row says so).")
     attribution_top_tokens: int = Field(3, ge=1, description="Most important dream tokens (by attribution) used for the overlap metric.")
 
 

@@ -9,11 +9,15 @@ the pre-activation) at their max token; firing counts and a histogram of the pos
 samples per activation decile and of non-firing contexts; and, shared by all latents, a
 uniform sample of dream-length corpus windows.
 
-After the pass (Thompson et al. 2024, Fig. 3 and §3.5): each top example's dream-length window
-ending at its max token is fed alone after BOS to the full model (window CE, nats/token, and the
-target objective at its last token); the corpus window-CE mean ± σ and the in-distribution
-threshold mean + 2σ; the random-prompt baseline (1,024 uniformly random allowed-token prompts)
-of every objective, for the z-scores of eq. 5.
+After the pass (Thompson et al. 2024, Fig. 3 and §3.5): every full-length window (exactly the
+dream's length) ending at every position of each latent's top contexts is fed alone after BOS to
+the full model (window CE both ways — all n tokens, and without the first — in nats/token, and
+the target objective at its last token), and the Pareto frontier of those windows is stored
+(``scan_windows``; it holds the best window of every CE band); each top example's window ending
+at its max token is stored with it when full-length (shorter ones are skipped and counted); the
+corpus CE bands of random matched-length windows (10th and 50th percentiles, mean ± σ, the
+in-distribution threshold mean + 2σ; both CE conventions); the random-prompt baseline (1,024
+uniformly random allowed-token prompts) of every objective, for the z-scores of eq. 5.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from sae_targets.objectives import Objective, build_objective
 from sae_targets.selection import Target
 from stages.scan.topk import AdaptiveHistogram, BottomKSample, Candidate, QuantileSampler, StreamingTopK, priorities
 from stages.scan.windows import baselines, evaluate_windows, hook_acts_of_prompts, random_prompts
+from stages.scan.search import WindowSet, ce_bands, evaluate_matched, pareto_mask, search_contexts
 
 log = logging.getLogger("reverie.scan")
 
-SCAN_VERSION = 1  # bump when the scan's definition changes (invalidates cached scans)
+SCAN_VERSION = 2  # bump when the scan's definition changes (invalidates cached scans)
 N_DECILES = 10
 BASELINE_SEED = 0
 # salts of the independent pseudo-random streams (see topk.priorities)
@@ -77,6 +82,7 @@ def scan_settings(cfg: ReverieConfig, subject: Subject) -> dict[str, Any]:
         "quantile_samples": s.quantile_samples, "random_samples": s.random_samples, "hist_bins": s.hist_bins,
         "window_ce_samples": s.window_ce_samples, "baseline_prompts": s.baseline_prompts,
         "random_prompt_examples": s.random_prompt_examples, "window_len": cfg.dream.n_tokens,
+        "window_search_top": s.window_search_top, "matched_windows": True,
         "rank_quantity": cfg.targets.quantity, "density_quantity": "post", "hist_quantity": "post",
         "objective": {"reduce": cfg.targets.reduce, "p": cfg.targets.p, "offset": cfg.targets.offset},
     }
@@ -157,14 +163,23 @@ def _shown(n_ids: int, pos: int, width: int, body0: int) -> tuple[int, int]:
     return start, end
 
 
-def _example(ids: list[int], rank: np.ndarray, post: np.ndarray, pos: int, width: int, window_len: int, body0: int) -> dict[str, Any]:
-    """Payload of one example: the shown tokens, their activations, and the dream-length window ending at ``pos``."""
+def _example(ids: list[int], rank: np.ndarray, post: np.ndarray, pos: int, width: int, window_len: int, body0: int,
+             context: bool = False) -> dict[str, Any]:
+    """Payload of one example: the shown tokens, their activations, and the dream-length window ending at ``pos``.
+
+    The window is exactly ``window_len`` tokens, or empty when the context has fewer corpus tokens
+    before ``pos`` (never a shorter window). ``context``: also keep the whole context's ids
+    (int32, BOS first) for the window search.
+    """
     start, end = _shown(len(ids), pos, width, body0)
-    return {
+    out = {
         "pos": pos, "start": start, "token_ids": ids[start:end], "acts": rank[start:end].copy(),
         "post_acts": post[start:end].copy(), "max_pos": pos - start, "max_act": float(rank[pos]),
-        "window_ids": ids[max(body0, pos - window_len + 1) : pos + 1],
+        "window_ids": ids[pos - window_len + 1 : pos + 1] if pos - window_len + 1 >= body0 else [],
     }
+    if context:
+        out["context_ids"] = np.asarray(ids, dtype=np.int32)
+    return out
 
 
 def update_state(state: ScanState, contexts: list[Context], rank: np.ndarray, post: np.ndarray, body: np.ndarray,
@@ -198,7 +213,8 @@ def update_state(state: ScanState, contexts: list[Context], rank: np.ndarray, po
         pos = int(amax[b, j])
         start, end = _shown(len(ids[b]), pos, example_window, body0)
         cand = Candidate(float(vmax[b, j]), int(ctx_idx[b]), pos, (tuple(ids[b][start:end]), pos - start))
-        state.topk.offer(j, cand, lambda c, b=b, j=j: _example(ids[b], rank[b, :, j], post[b, :, j], c.pos, example_window, window_len, body0))
+        state.topk.offer(j, cand, lambda c, b=b, j=j: _example(ids[b], rank[b, :, j], post[b, :, j], c.pos, example_window, window_len, body0,
+                                                                context=True))
 
     # decile samples among firing contexts
     fires = firing.any(axis=1)  # [B, L]
@@ -344,6 +360,7 @@ class ScanResult:
     example_rows: list[dict[str, Any]]
     baseline_rows: list[dict[str, Any]]
     objective_rows: list[dict[str, Any]]
+    window_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Decoder:
@@ -362,7 +379,8 @@ class _Decoder:
 
 def _example_row(scan_id: str, latent: int, kind: str, rank: int, ex: dict[str, Any], decode: _Decoder,
                  bin: int | None = None, context_idx: int | None = None, window_ce: float | None = None,
-                 window_act: float | None = None) -> dict[str, Any]:
+                 window_act: float | None = None, window_ce_rest: float | None = None) -> dict[str, Any]:
+    ctx = ex.get("context_ids")
     return {
         "scan_id": scan_id, "latent": int(latent), "kind": kind, "rank": int(rank), "bin": bin,
         "context_idx": int(ex.get("context_idx", context_idx if context_idx is not None else -1)),
@@ -371,7 +389,12 @@ def _example_row(scan_id: str, latent: int, kind: str, rank: int, ex: dict[str, 
         "max_act": float(ex["max_act"]), "max_pos": int(ex["max_pos"]), "window_ids": [int(i) for i in ex["window_ids"]],
         "window_ce": None if window_ce is None or not math.isfinite(window_ce) else float(window_ce),
         "window_act": None if window_act is None or not math.isfinite(window_act) else float(window_act),
+        "window_ce_rest": _num(window_ce_rest), "context_ids": None if ctx is None else [int(i) for i in ctx],
     }
+
+
+def _num(x: Any) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
 def single_objective(subject: Subject, cfg: ReverieConfig, latent: int) -> Objective:
@@ -383,27 +406,89 @@ def objective_rows(cfg: ReverieConfig, subject: Subject, scan_id: str, combos: S
                    tops: dict[int, list[list[int]]]) -> list[dict[str, Any]]:
     """Dataset side of combination targets: each combination objective on its latents' top windows.
 
+    Only full-length windows (exactly ``dream.n_tokens``) are used; empty ones (contexts too short) are skipped.
+
     Args:
-        tops: latent → its top examples' dream-length windows (best first).
+        tops: latent → its top examples' dream-length windows (best first; empty = too short).
     Returns:
         ``scan_objective_examples`` rows, ranked by objective value (desc).
     """
+    n = cfg.dream.n_tokens
     rows = []
     for t in combos:
         obj = build_objective(subject.sae, t, cfg.targets)
         wins: dict[tuple[int, ...], tuple[int, int]] = {}
         for lat in t.latents:
             for r, w in enumerate(tops.get(int(lat), [])):
-                wins.setdefault(tuple(w), (int(lat), r))
+                if len(w) == n:
+                    wins.setdefault(tuple(w), (int(lat), r))
         keys = list(wins)
-        ev = evaluate_windows(subject, [list(k) for k in keys], [obj])
-        vals = ev.values[obj.key]
+        if not keys:
+            continue
+        ce, ce_rest, values = evaluate_matched(subject, [list(k) for k in keys], [obj])
+        vals = values[obj.key]
         order = sorted(range(len(keys)), key=lambda i: (-np.nan_to_num(vals[i], nan=-np.inf), i))
         for rank, i in enumerate(order):
             rows.append({"scan_id": scan_id, "objective_key": obj.key, "rank": rank, "latent": wins[keys[i]][0],
                          "source_rank": wins[keys[i]][1], "window_ids": list(keys[i]),
-                         "window_ce": float(ev.ce[i]) if math.isfinite(ev.ce[i]) else None,
-                         "window_act": float(vals[i]) if math.isfinite(vals[i]) else None})
+                         "window_ce": _num(ce[i]), "window_act": _num(vals[i]), "window_ce_rest": _num(ce_rest[i])})
+    return rows
+
+
+def window_rows(subject: Subject, scan_id: str, objective: Objective, ws: WindowSet, owners: Sequence[tuple[int, int, int]],
+                decode: "_Decoder", members: Sequence[Objective] = ()) -> list[dict[str, Any]]:
+    """``scan_windows`` rows: the Pareto frontier (activation vs CE, either convention) of searched windows.
+
+    Args:
+        ws: the searched windows, with ``objective``'s values.
+        owners: per searched context (``ws.source``): ``(latent, top rank, context_idx)``.
+        members: for a combination, each member latent's own objective, evaluated on the frontier
+            windows (``latent_acts``, member order).
+    Returns:
+        rows ranked by CE over all tokens (ascending).
+    """
+    if not len(ws):
+        return []
+    act = ws.values[objective.key]
+    f_all = pareto_mask(act, ws.ce)
+    f_rest = pareto_mask(act, ws.ce_rest) if np.isfinite(ws.ce_rest).any() else np.zeros(len(ws), dtype=bool)
+    idx = np.flatnonzero(f_all | f_rest)
+    idx = idx[np.lexsort((idx, -act[idx], ws.ce[idx]))]
+    member_acts = None
+    if members:
+        _, _, mv = evaluate_matched(subject, ws.windows[idx], list(members))
+        member_acts = np.stack([mv[m.key] for m in members], axis=1)
+    rows = []
+    for r, i in enumerate(idx):
+        lat, src_rank, ctx = owners[int(ws.source[i])]
+        w = [int(x) for x in ws.windows[i]]
+        rows.append({"scan_id": scan_id, "objective_key": objective.key, "rank": r, "latent": int(lat), "source_rank": int(src_rank),
+                     "context_idx": int(ctx), "end_pos": int(ws.end_pos[i]), "window_ids": w, "tokens": decode(w),
+                     "window_ce": float(ws.ce[i]), "window_ce_rest": _num(ws.ce_rest[i]), "window_act": float(act[i]),
+                     "latent_acts": None if member_acts is None else [_num(v) for v in member_acts[r]],
+                     "frontier_all": bool(f_all[i]), "frontier_rest": bool(f_rest[i])})
+    return rows
+
+
+def combo_window_rows(cfg: ReverieConfig, subject: Subject, scan_id: str, combos: Sequence[Target],
+                      contexts: dict[int, list[tuple[int, int, Sequence[int]]]], decode: "_Decoder") -> list[dict[str, Any]]:
+    """Searched dataset frontier of each combination objective over its latents' top contexts.
+
+    Args:
+        contexts: latent → ``(top rank, context_idx, context ids)`` of its searched top contexts.
+    """
+    rows = []
+    for t in combos:
+        obj = build_objective(subject.sae, t, cfg.targets)
+        owners, ctxs, seen = [], [], set()
+        for lat in t.latents:
+            for r, ci, ids in contexts.get(int(lat), []):
+                if int(ci) not in seen:
+                    seen.add(int(ci))
+                    owners.append((int(lat), int(r), int(ci)))
+                    ctxs.append(ids)
+        ws, _ = search_contexts(subject, ctxs, [obj], cfg.dream.n_tokens, _body0(subject))
+        rows += window_rows(subject, scan_id, obj, ws, owners, decode, members=[single_objective(subject, cfg, lat) for lat in t.latents])
     return rows
 
 
@@ -440,7 +525,12 @@ def random_prompt_rows(cfg: ReverieConfig, subject: Subject, scan_id: str, laten
 
 
 def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanState, combos: Sequence[Target] = ()) -> ScanResult:
-    """Turn a finished streaming state into rows: window CE/activation of top examples, corpus CE, baselines.
+    """Turn a finished streaming state into rows: searched matched-length windows, corpus CE bands, baselines.
+
+    Per latent, every full-length window ending at every position of its first
+    ``scan.window_search_top`` top contexts is evaluated alone after BOS (issue 17 §2) and the
+    Pareto frontier of those windows is kept (``scan_windows``); contexts too short for one
+    window are counted (``scan_latents.n_short_contexts``).
 
     Args:
         combos: combination targets whose objective gets a baseline and dataset-side rows.
@@ -449,16 +539,26 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
     """
     t0 = time.perf_counter()
     n = cfg.dream.n_tokens
+    body0 = _body0(subject)
+    S = cfg.scan.window_search_top
     decode = _Decoder(subject)
-    latent_rows, example_rows, tops = [], [], {}
+    latent_rows, example_rows, w_rows, tops, contexts = [], [], [], {}, {}
     for j, lat in enumerate(state.latents):
-        top = [c.payload for c in state.topk.result(j)]
+        cands = state.topk.result(j)
+        top = [c.payload for c in cands]
         obj = single_objective(subject, cfg, lat)
-        ev = evaluate_windows(subject, [e["window_ids"] for e in top], [obj])
+        full = [r for r, e in enumerate(top) if len(e["window_ids"]) == n]
+        ce, ce_rest, vals = evaluate_matched(subject, [top[r]["window_ids"] for r in full], [obj])
+        win = {r: (ce[k], ce_rest[k], vals[obj.key][k]) for k, r in enumerate(full)}
         tops[lat] = [e["window_ids"] for e in top]
-        for r, (c, e) in enumerate(zip(state.topk.result(j), top)):
+        for r, (c, e) in enumerate(zip(cands, top)):
+            wc, wr, wa = win.get(r, (None, None, None))
             example_rows.append(_example_row(scan_id, lat, "top", r, e, decode, context_idx=c.context_idx,
-                                             window_ce=float(ev.ce[r]), window_act=float(ev.values[obj.key][r])))
+                                             window_ce=wc, window_act=wa, window_ce_rest=wr))
+        searched = [(r, c.context_idx, top[r]["context_ids"]) for r, c in enumerate(cands[:S])]
+        contexts[lat] = searched
+        ws, n_short = search_contexts(subject, [ids for _, _, ids in searched], [obj], n, body0)
+        w_rows += window_rows(subject, scan_id, obj, ws, [(lat, r, ci) for r, ci, _ in searched], decode)
         vmax = top[0]["max_act"] if top else 0.0
         rank = 0
         for d, exs in enumerate(state.quantiles.deciles(j, vmax, N_DECILES)):
@@ -468,30 +568,35 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
         for r, e in enumerate(state.nonfiring.items(j)):
             example_rows.append(_example_row(scan_id, lat, "random", r, e, decode))
         nf = int(state.n_firing[j])
+        wact = ws.values[obj.key] if len(ws) else np.zeros(0)
         latent_rows.append({
             "scan_id": scan_id, "latent": int(lat), "n_tokens": int(state.tokens_seen), "n_firing": nf,
             "density": nf / state.tokens_seen if state.tokens_seen else 0.0, "max_act": float(vmax) if top else None,
             "mean_act": float(state.sum_post[j] / nf) if nf else None,
             "hist_edges": state.hist.edges(j), "hist_counts": [int(c) for c in state.hist.counts[j]] if state.hist.width[j] > 0 else [],
+            "window_max": float(np.nanmax(wact)) if len(wact) and np.isfinite(wact).any() else None,
+            "n_windows_searched": int(len(ws)), "n_contexts_searched": len(searched), "n_short_contexts": int(n_short),
         })
+        if n_short:
+            log.info("latent %d: %d of %d searched top contexts are shorter than %d tokens (skipped)", lat, n_short, len(searched), n)
 
-    wins = state.windows.items(0)
-    ce = evaluate_windows(subject, wins, []).ce
-    ce = ce[np.isfinite(ce)]
-    ce_mean = float(ce.mean()) if len(ce) else None
-    ce_std = float(ce.std(ddof=1)) if len(ce) > 1 else None
+    wins = [w for w in state.windows.items(0) if len(w) == n]
+    ce, ce_rest, _ = evaluate_matched(subject, wins, []) if wins else (np.zeros(0), np.zeros(0), {})
+    b_all, b_rest = ce_bands(ce), ce_bands(ce_rest)
     objectives = [single_objective(subject, cfg, lat) for lat in state.latents]
     objectives += [build_objective(subject.sae, t, cfg.targets) for t in combos]
     b_rows = baseline_rows(subject, scan_id, objectives, cfg.scan.baseline_prompts, n)
     example_rows += random_prompt_rows(cfg, subject, scan_id, state.latents, decode)
     o_rows = objective_rows(cfg, subject, scan_id, combos, tops)
+    w_rows += combo_window_rows(cfg, subject, scan_id, combos, contexts, decode)
     scan_row = {
         "status": "done", "tokens_seen": int(state.tokens_seen), "n_contexts": int(state.n_contexts), "window_len": n,
-        "ce_mean": ce_mean, "ce_std": ce_std, "n_ce_windows": int(len(ce)),
-        "in_dist_threshold": None if ce_mean is None or ce_std is None else ce_mean + 2 * ce_std,
+        "ce_mean": b_all["mean"], "ce_std": b_all["std"], "n_ce_windows": int(b_all["n"]), "in_dist_threshold": b_all["in_dist"],
+        "ce_p10": b_all["p10"], "ce_p50": b_all["p50"], "ce_rest_mean": b_rest["mean"], "ce_rest_std": b_rest["std"],
+        "ce_rest_p10": b_rest["p10"], "ce_rest_p50": b_rest["p50"], "ce_rest_in_dist_threshold": b_rest["in_dist"],
         "wall_s": state.wall_s + time.perf_counter() - t0, "pass_wall_s": state.wall_s, "updated_at": now(),
     }
-    return ScanResult(scan_id, scan_row, latent_rows, example_rows, b_rows, o_rows)
+    return ScanResult(scan_id, scan_row, latent_rows, example_rows, b_rows, o_rows, w_rows)
 
 
 # ----------------------------------------------------------------------------- writes
@@ -529,7 +634,8 @@ def write_scan(store: Store, result: ScanResult) -> None:
     sid = result.scan_id
     with store.transaction():
         for table, rows in (("scan_latents", result.latent_rows), ("scan_examples", result.example_rows),
-                            ("baselines", result.baseline_rows), ("scan_objective_examples", result.objective_rows)):
+                            ("baselines", result.baseline_rows), ("scan_objective_examples", result.objective_rows),
+                            ("scan_windows", result.window_rows)):
             store.replace(table, {"scan_id": sid}, rows)
         sets = ", ".join(f'"{k}" = ?' for k in result.scan_row)
         store.execute(f"UPDATE scans SET {sets} WHERE scan_id = ?", [*result.scan_row.values(), sid])
@@ -550,14 +656,21 @@ def add_missing_objectives(cfg: ReverieConfig, subject: Subject, store: Store, s
     b_rows = baseline_rows(subject, scan_id, objs, cfg.scan.baseline_prompts, cfg.dream.n_tokens)
     combos = [t for t in missing if t.is_combination]
     tops: dict[int, list[list[int]]] = {}
-    for r in store.fetch("SELECT latent, window_ids FROM scan_examples WHERE scan_id = ? AND kind = 'top' ORDER BY latent, rank", [scan_id]):
-        tops.setdefault(int(r["latent"]), []).append(list(r["window_ids"]))
+    contexts: dict[int, list[tuple[int, int, Sequence[int]]]] = {}
+    for r in store.fetch("SELECT latent, rank, context_idx, window_ids, context_ids FROM scan_examples WHERE scan_id = ? AND kind = 'top' "
+                         "ORDER BY latent, rank", [scan_id]):
+        tops.setdefault(int(r["latent"]), []).append(list(r["window_ids"] or []))
+        if r["context_ids"] is not None and int(r["rank"]) < cfg.scan.window_search_top:
+            contexts.setdefault(int(r["latent"]), []).append((int(r["rank"]), int(r["context_idx"]), list(r["context_ids"])))
     o_rows = objective_rows(cfg, subject, scan_id, combos, tops)
+    w_rows = combo_window_rows(cfg, subject, scan_id, combos, contexts, _Decoder(subject))
     with store.transaction():
         for b in b_rows:
             store.replace("baselines", {"scan_id": scan_id, "objective_key": b["objective_key"]}, [b])
         for key in {r["objective_key"] for r in o_rows}:
             store.replace("scan_objective_examples", {"scan_id": scan_id, "objective_key": key}, [r for r in o_rows if r["objective_key"] == key])
+        for key in {r["objective_key"] for r in w_rows}:
+            store.replace("scan_windows", {"scan_id": scan_id, "objective_key": key}, [r for r in w_rows if r["objective_key"] == key])
     return len(missing)
 
 
@@ -590,6 +703,12 @@ def run_scan(cfg: ReverieConfig, subject: Subject, store: Store, targets: list[T
     else:
         store.replace("scans", {"scan_id": sid}, [_start_row(cfg, subject, sid, latents)])
     state = scan_pass(cfg, subject, latents, state, on_checkpoint=lambda st: write_checkpoint(store, sid, st), progress=progress)
+    n_win, n_tok = len(state.windows.items(0)), cfg.dream.n_tokens  # the corpus CE needs ≥ 2 dream-length windows
+    if n_win < 2 and cfg.scan.window_ce_samples >= 2:
+        raise ReverieError(
+            f"the corpus is too short for the scan: {state.tokens_seen} tokens in {state.n_contexts} contexts hold {n_win} "
+            f"window(s) of the dream length (dream.n_tokens = {n_tok} tokens); the corpus CE mean ± σ needs at least 2. "
+            "Use a larger corpus (scan.corpus), raise scan.max_tokens, or lower dream.n_tokens.")
     result = finish_scan(cfg, subject, sid, state, [t for t in targets if t.is_combination])
     write_scan(store, result)
     log.info("scan %s done: %d tokens, %d contexts, corpus window CE %s ± %s", sid, state.tokens_seen, state.n_contexts,
