@@ -2,22 +2,27 @@
 
 Commands: ``targets``, ``config show``, ``dream``, ``scan``, ``compare``, ``explain``, ``report``,
 ``nightly``. A :class:`~pipeline.errors.ReverieError` prints its message (no traceback) and
-exits with code 2.
+exits with code 2. SIGINT / SIGTERM stop a command at the next safe point
+(:mod:`pipeline.signals`): the run is recorded 'interrupted' and the exit code is 130 / 143.
+``run.torch_threads`` is applied by :func:`build_config`, before any tensor work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
 from pipeline.config import ReverieConfig, dump_toml, load_config
-from pipeline.errors import ReverieError
+from pipeline.errors import Interrupted, ReverieError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="reverie: explain SAE latents by dreaming (EPO) and comparing dreams with dataset examples.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
@@ -46,28 +51,83 @@ def parse_sets(sets: list[str] | None) -> dict[str, Any]:
 
 
 def build_config(config: Optional[Path], sets: list[str] | None, **flags: Any) -> ReverieConfig:
-    """Load the config file and apply ``--set`` values, then explicit flags (flags win)."""
+    """Load the config file and apply ``--set`` values, then explicit flags (flags win); then
+    apply ``run.torch_threads`` to torch (:func:`pipeline.runtime.apply_torch_threads`), so every
+    command runs its tensor work on the configured threads.
+
+    Raises:
+        ConfigError: see :func:`pipeline.config.load_config`.
+    """
+    from pipeline.runtime import apply_torch_threads
+
     overrides = parse_sets(sets)
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    apply_torch_threads(cfg.run)
+    return cfg
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn ReverieError into a one-line message and exit code 2."""
+    """Run a command with the SIGINT/SIGTERM handlers installed (:func:`pipeline.signals.handle_signals`);
+    turn a ReverieError into a one-line message and exit code 2, and an interruption into one
+    line and exit code 130 (SIGINT) / 143 (SIGTERM)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.signals import as_interrupted, handle_signals
+
         try:
-            return fn(*args, **kwargs)
+            with handle_signals():
+                return fn(*args, **kwargs)
         except ReverieError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        except (Interrupted, KeyboardInterrupt) as e:
+            i = as_interrupted(e)
+            typer.secho(f"stopped: {i}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(i.exit_code) from None
 
     return wrapper
 
 
+class _TerminalFilter(logging.Filter):
+    """What reaches the terminal: reverie's own loggers at INFO and above, other named loggers
+    at WARNING and above, never the root logger (libraries' bare ``logging.info(...)`` calls such
+    as transformer_lens's "Moving model to device"). Everything still goes to the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root":
+            return False
+        return record.name.startswith("reverie") or record.levelno >= logging.WARNING
+
+
+class _TerminalFormatter(logging.Formatter):
+    """One line per record: no traceback on the terminal (the log file has it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """Terminal logging for long commands: one stderr handler with :class:`_TerminalFilter`
+    (``verbose``: reverie's DEBUG lines too). The root logger's level is INFO (DEBUG if verbose)
+    so a run's log file (attached by the nightly) receives every record."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_reverie_terminal", False):
+            root.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h._reverie_terminal = True  # type: ignore[attr-defined]
+    h.setLevel(logging.DEBUG if verbose else logging.INFO)
+    h.addFilter(_TerminalFilter())
+    h.setFormatter(_TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @config_app.command("show")
@@ -92,8 +152,12 @@ def targets(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random draw."),
     device: Optional[str] = DeviceOpt,
     project_dir: Optional[str] = ProjectOpt,
+    record: bool = typer.Option(False, "--record", help="Store the targets as a run in the project database (default: a dry run that writes nothing)."),
 ) -> None:
-    """Load model and SAE, choose the latents, record them; print model, SAE, hook point and latents."""
+    """Load model and SAE, choose the latents; print model, SAE, hook point and latents.
+
+    A dry run: nothing is written unless --record (then the targets are stored as a 'targets' run).
+    """
     from pipeline.orchestrate import record_targets
     from sae_targets.loading import load_subject
     from sae_targets.selection import select_targets
@@ -101,7 +165,7 @@ def targets(
     cfg = build_config(config, set_, **{"targets.latents": latent or None, "targets.n_random": n, "targets.seed": seed, "model.device": device, "project.dir": project_dir})
     subject = load_subject(cfg.model, cfg.sae)
     chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
-    run_id = record_targets(cfg, subject, chosen, source)
+    run_id = record_targets(cfg, subject, chosen, source) if record else None
     typer.echo(f"model         {subject.model_key}  ({subject.model.cfg.n_layers} layers, d_model {subject.model.cfg.d_model}, vocab {subject.vocab_size})")
     typer.echo(f"SAE           {subject.sae_key}")
     typer.echo(f"hook point    {subject.hook_name}  (layer {subject.layer}, prepend_bos {subject.prepend_bos}, context {subject.context_size})")
@@ -109,7 +173,8 @@ def targets(
     if subject.neuronpedia_id:
         typer.echo(f"neuronpedia   {subject.neuronpedia_id}")
     typer.echo(f"densities     from {source}")
-    typer.echo(f"run           {run_id}  (stored in {cfg.project.path / 'reverie.duckdb'})")
+    typer.echo(f"run           {run_id}  (stored in {cfg.project.path / 'reverie.duckdb'})" if run_id
+               else "run           not recorded (dry run; --record stores the targets)")
     typer.echo(f"{'target':>12}  {'log10 density':>14}  {'density':>9}")
     for t in chosen:
         for lat, d in zip(t.latents, t.log10_density):
@@ -133,7 +198,10 @@ def nightly(
 ) -> None:
     """Run every stage over random latents: targets → scan → dream → compare → explain → report.
 
-    Resumable: rerunning the same --run-id skips finished units. Exits 1 if any unit failed.
+    Resumable: rerunning the same --run-id skips finished units (listed, one line per stage) and
+    keeps a report whose inputs did not change. Exits 1 if any unit failed, 2 if the model, SAE
+    or targets are invalid (run recorded 'failed'), 130 / 143 on SIGINT / SIGTERM (run recorded
+    'interrupted'; rerun to resume).
     """
     from pipeline.orchestrate import run_nightly
 
@@ -142,7 +210,12 @@ def nightly(
                                         "run.executor": executor, "model.device": device, "project.dir": project_dir})
     s = run_nightly(cfg, run_id)
     typer.echo("")
-    typer.echo(f"run {s.run_id}: {s.done} units done, {s.failed} failed, {s.skipped} skipped in {s.wall_s:.1f} s")
+    for line in skipped_lines(s.skipped_units):
+        typer.echo(line)
+    if s.report_reused:
+        typer.echo("report: inputs unchanged since the last rendering, not rendered again")
+    total = f" ({s.total_wall_s:.1f} s over all sessions)" if s.total_wall_s > s.wall_s + 0.05 else ""
+    typer.echo(f"run {s.run_id}: {s.done} units done, {s.failed} failed, {s.skipped} skipped in {s.wall_s:.1f} s{total}")
     if s.frac_beats is not None:
         typer.echo(f"dreaming beat the dataset maximum on {s.frac_beats:.0%} of targets"
                    + (f" ({s.frac_beats_in_dist:.0%} at in-distribution CE)" if s.frac_beats_in_dist is not None else ""))
@@ -156,21 +229,39 @@ def nightly(
     raise typer.Exit(s.exit_code)
 
 
+def skipped_lines(skipped: dict[str, list[str]], max_ids: int = 8) -> list[str]:
+    """One line per stage of a resumed run's skipped (already done) units, e.g.
+    ``skipped dream: 3 targets already done (85, 35, 35+85)``; ``'*'`` marks a run-level unit."""
+    out = []
+    for stage, ids in skipped.items():
+        if ids == ["*"]:
+            out.append(f"skipped {stage}: already done")
+            continue
+        names = [i for i in ids if i != "*"]
+        shown = ", ".join(names[:max_ids]) + (f", … {len(names) - max_ids} more" if len(names) > max_ids else "")
+        out.append(f"skipped {stage}: {len(names)} target{'s' if len(names) != 1 else ''} already done ({shown})")
+    return out
+
+
 @app.command()
 @handle_errors
 def report(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    run: Optional[str] = typer.Option(None, "--run", help="Run id to report (default: the latest run with targets)."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run id to report (default: the latest run that has dreams)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: report.out, else <project dir>/reports/<run id>)."),
     project_dir: Optional[str] = ProjectOpt,
 ) -> None:
     """Write a run's static HTML report (index + one page per latent, plots as PNG) and print where index.html is."""
     from pipeline.store import Store
     from reports.render import render_reports
+    from stages.compare import latest_run_with_dreams
 
     cfg = build_config(config, set_, **{"project.dir": project_dir})
     with Store(cfg.project.path, read_only=True) as store:
+        run = run or latest_run_with_dreams(store)
+        if run is None:
+            raise ReverieError(f"no run with dreams in {store.path}; run `reverie dream` or `reverie nightly` first, or pass --run")
         index = render_reports(cfg, store, run, out)
     typer.echo(f"report: {index}")
 
@@ -245,6 +336,7 @@ def scan(
     from stages.scan import run_scan
 
     setup_logging()
+    t0 = time.time()
     cfg = build_config(config, set_, **{"targets.latents": latent or None, "targets.n_random": n, "targets.seed": seed,
                                         "scan.max_tokens": max_tokens, "scan.batch_size": batch_size,
                                         "model.device": device, "project.dir": project_dir})
@@ -252,27 +344,25 @@ def scan(
     chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
     run_id = record_targets(cfg, subject, chosen, source, kind="scan")
     with Store(cfg.project.path) as store:
-        try:
+        with _recorded_run(store, run_id, t0):
             scan_id = run_scan(cfg, subject, store, chosen)
-        except BaseException:
-            store.finish_run(run_id, "failed")
-            raise
-        s = store.fetch_one("SELECT * FROM scans WHERE scan_id = ?", [scan_id])
-        lat = store.fetch("SELECT l.latent, l.density, l.max_act, l.mean_act, max(e.window_act) AS win_act, min(e.window_ce) AS win_ce "
-                          "FROM scan_latents l LEFT JOIN scan_examples e ON e.scan_id = l.scan_id AND e.latent = l.latent AND e.kind = 'top' "
-                          "WHERE l.scan_id = ? GROUP BY ALL ORDER BY l.latent", [scan_id])
-        store.finish_run(run_id, "done", summary={"scan_id": scan_id, "tokens_seen": s["tokens_seen"], "ce_mean": s["ce_mean"], "ce_std": s["ce_std"]})
+            s = store.fetch_one("SELECT * FROM scans WHERE scan_id = ?", [scan_id])
+            lat = store.fetch("SELECT l.latent, l.density, l.max_act, l.mean_act, max(e.window_act) AS win_act, min(e.window_ce) AS win_ce "
+                              "FROM scan_latents l LEFT JOIN scan_examples e ON e.scan_id = l.scan_id AND e.latent = l.latent AND e.kind = 'top' "
+                              "WHERE l.scan_id = ? GROUP BY ALL ORDER BY l.latent", [scan_id])
+        store.finish_run(run_id, "done", time.time() - t0,
+                         summary={"scan_id": scan_id, "tokens_seen": s["tokens_seen"], "ce_mean": s["ce_mean"], "ce_std": s["ce_std"]})
     rate = s["tokens_seen"] / s["pass_wall_s"] if s.get("pass_wall_s") else None
-    typer.echo(f"scan          {scan_id}  (run {run_id})")
+    typer.echo(f"scan          {scan_id}  (run {run_id}, {time.time() - t0:.1f} s)")
     typer.echo(f"corpus        {s['tokens_seen']:,} tokens in {s['n_contexts']:,} contexts"
                + (f", corpus pass {rate:,.0f} tokens/s" if rate else ""))
-    typer.echo(f"window CE     {s['ce_mean']:.2f} ± {s['ce_std']:.2f} nats/token over {s['n_ce_windows']} random {s['window_len']}-token windows after BOS"
-               f"   (paper, Pile / Pythia-12B: 3.7 ± 1.1)")
-    typer.echo(f"in-dist CE    ≤ {s['in_dist_threshold']:.2f} nats/token (mean + 2σ)")
-    typer.echo(f"{'latent':>8} {'density':>9} {'max act':>8} {'mean act':>8} {'best window act':>15} {'min window CE':>13}")
+    typer.echo(f"window CE     {sig(s['ce_mean'])} ± {sig(s['ce_std'])} nats/token (perplexity {ppl(s['ce_mean'])}) over {s['n_ce_windows']} "
+               f"random {s['window_len']}-token windows after BOS   (paper, Pile / Pythia-12B: 3.7 ± 1.1)")
+    typer.echo(f"in-dist CE    ≤ {sig(s['in_dist_threshold'])} nats/token (perplexity {ppl(s['in_dist_threshold'])}; mean + 2σ)")
+    typer.echo(f"{'latent':>8} {'density':>9} {'max act':>8} {'mean act':>8} {'best window act':>15} {'min window CE':>13} {'(ppl)':>9}")
     for r in lat:
-        f = lambda v, spec=".2f": "—" if v is None else format(v, spec)  # noqa: E731
-        typer.echo(f"{r['latent']:>8} {r['density']:>9.4%} {f(r['max_act']):>8} {f(r['mean_act']):>8} {f(r['win_act']):>15} {f(r['win_ce']):>13}")
+        typer.echo(f"{r['latent']:>8} {r['density']:>9.4%} {sig(r['max_act']):>8} {sig(r['mean_act']):>8} {sig(r['win_act']):>15} "
+                   f"{sig(r['win_ce']):>13} {ppl(r['win_ce']):>9}")
 
 
 @app.command()
@@ -314,18 +404,27 @@ def dream(
     iterations: Optional[int] = typer.Option(None, "--iterations", help="EPO iterations per seed (dream.iterations)."),
     device: Optional[str] = DeviceOpt,
     project_dir: Optional[str] = ProjectOpt,
+    sort: str = typer.Option("ce", "--sort", help="Order of the printed frontier: 'ce' (most fluent first) or 'activation' (highest first)."),
+    rows: int = typer.Option(30, "--rows", help="Frontier prompts printed per target."),
 ) -> None:
-    """Dream (EPO) on latents: progress bar per seed, results stored, merged frontier printed per target."""
+    """Dream (EPO) on latents: progress bar per seed, results stored, merged frontier printed per target.
+
+    The table lists the merged Pareto frontier over seeds, most fluent (lowest CE) first; long
+    prompts lose their start, never their last token (where the objective is read).
+    """
     from pipeline.orchestrate import record_targets
     from pipeline.store import Store
     from sae_targets.loading import check_latents, load_subject
     from sae_targets.selection import Target, log10_densities, select_targets
-    from stages.dream import format_frontier, merge_results, run_dream_stage
+    from stages.dream import merge_results, run_dream_stage
 
     if combine is not None and combine not in ("lp", "sum", "min"):
         raise ReverieError(f"--combine {combine!r}: use lp, sum or min")
     if combine is not None and len(latent or []) < 2:
         raise ReverieError("--combine needs at least two --latent ids")
+    if sort not in ("ce", "activation"):
+        raise ReverieError(f"--sort {sort!r}: use ce or activation")
+    t0 = time.time()
     cfg = build_config(config, set_, **{"targets.p": p, "dream.iterations": iterations, "model.device": device, "project.dir": project_dir,
                                         "dream.seeds": list(range(seeds)) if seeds else None, "targets.combine": combine})
     subject = load_subject(cfg.model, cfg.sae)
@@ -340,16 +439,87 @@ def dream(
         chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
     run_id = record_targets(cfg, subject, chosen, source, kind="dream")
     with Store(cfg.project.path) as store:
-        try:
+        with _recorded_run(store, run_id, t0):
             results = run_dream_stage(cfg, subject, store, run_id, chosen)
-        except BaseException:
-            store.finish_run(run_id, "failed")
-            raise
-        store.finish_run(run_id, "done", summary={"n_targets": len(chosen), "seeds": cfg.dream.seeds})
+        wall = time.time() - t0
+        store.finish_run(run_id, "done", wall, summary={"n_targets": len(chosen), "seeds": cfg.dream.seeds})
     for t in chosen:
+        mine = [r for r in results if r.target_id == t.target_id]
         typer.echo("")
-        typer.echo(format_frontier(merge_results([r for r in results if r.target_id == t.target_id])))
-    typer.echo(f"\nrun {run_id} stored in {cfg.project.path / 'reverie.duckdb'}")
+        typer.echo(dream_table(merge_results(mine), n_stored=sum(len(r.frontier) for r in mine), sort=sort, max_rows=rows))
+    typer.echo(f"\nrun {run_id} ({wall:.1f} s) stored in {cfg.project.path / 'reverie.duckdb'}")
+
+
+def dream_table(result: Any, n_stored: int | None = None, sort: str = "ce", max_rows: int = 30, width: int = 64) -> str:
+    """A merged dream frontier as a text table: CE (nats/token) with its perplexity, activation,
+    λ, iteration, seed, and the prompt's text in the display convention of
+    :func:`sae_targets.tokens.display_text`.
+
+    Args:
+        result: a ``DreamResult``, normally :func:`stages.dream.merge_results` of a target's seeds.
+        n_stored: frontier prompts stored over all seeds (``dream_prompts`` rows); shown next to
+            the merged count when it differs.
+        sort: 'ce' (ascending: most fluent first) or 'activation' (descending).
+        max_rows: rows printed (the rest are counted).
+        width: characters of text; a longer prompt loses its START ('…' + end), never its last
+            token, where the objective is read.
+    Returns:
+        The table (numbers to 3 significant digits).
+    """
+    from sae_targets.tokens import display_text, truncate_start
+
+    key = (lambda p: (p.ce, -p.activation)) if sort == "ce" else (lambda p: (-p.activation, p.ce))
+    prompts = sorted(result.frontier, key=key)
+    n = len(prompts)
+    stored = f"; {n_stored} stored over {len(result.seeds)} seeds" if n_stored is not None and n_stored != n else ""
+    order = "lowest CE first" if sort == "ce" else "highest activation first"
+    lines = [f"target {result.target_id}: {result.objective}",
+             f"  {n} prompts on the merged Pareto frontier over seeds {result.seeds}{stored}; {result.n_candidates:,} candidates, "
+             f"{result.wall_s:.1f} s; {order}",
+             f"{'#':>3} {'CE':>6} {'(ppl)':>9} {'activation':>10} {'λ':>6} {'iter':>5} {'seed':>4}  text (start cut if long; the objective reads the last token)"]
+    for i, p in enumerate(prompts[:max_rows]):
+        text = truncate_start(display_text(p.text), width)
+        lam = sig(p.lam) if p.lam is not None else "-"
+        lines.append(f"{i:>3} {sig(p.ce):>6} {ppl(p.ce):>9} {sig(p.activation):>10} {lam:>6} {p.iteration:>5} {p.seed:>4}  {text}")
+    if n > max_rows:
+        lines.append(f"    … {n - max_rows} more (--rows)")
+    return "\n".join(lines)
+
+
+def sig(v: float | None, digits: int = 3) -> str:
+    """A number to ``digits`` significant digits ('—' for None / NaN)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.{digits}g}"
+
+
+def ppl(ce: float | None) -> str:
+    """Perplexity exp(ce) of a CE in nats/token, 3 significant digits ('—' for None)."""
+    if ce is None or (isinstance(ce, float) and math.isnan(ce)):
+        return "—"
+    return sig(math.exp(min(float(ce), 700.0)))
+
+
+@contextlib.contextmanager
+def _recorded_run(store: Any, run_id: str, t0: float):
+    """Record the run 'interrupted' (SIGINT/SIGTERM) or 'failed' (any error, with its message) if
+    the block raises, with its wall time since ``t0``; then re-raise. The block is
+    :func:`~pipeline.signals.interruptible`: its writes are transactional, so a signal stops it at once."""
+    from pipeline.signals import as_interrupted, interruptible, is_interrupt
+
+    try:
+        with interruptible():
+            yield
+    except BaseException as e:
+        interrupted = is_interrupt(e)
+        status, err = ("interrupted", str(as_interrupted(e))) if interrupted else ("failed", f"{type(e).__name__}: {e}")
+        try:
+            store.finish_run(run_id, status, time.time() - t0, error=err)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            logging.getLogger("reverie.cli").exception("could not record run %s as %s", run_id, status)
+        if interrupted:
+            raise as_interrupted(e) from None
+        raise
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -21,3 +21,30 @@ class TargetError(ReverieError):
 
 class OfflineError(LoadError):
     """A hub resource was requested while the hub is unreachable (e.g. ``HF_HUB_OFFLINE=1``)."""
+
+
+class Interrupted(BaseException):
+    """The process received SIGINT or SIGTERM and stopped at a safe point.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so the ``except Exception`` handlers that keep
+    one failing unit from stopping a batch never swallow it. Raised by
+    :func:`pipeline.signals.check_interrupt`.
+
+    Attributes:
+        signum: the signal number (``signal.SIGINT`` = 2, ``signal.SIGTERM`` = 15).
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        try:
+            self.signame = signal.Signals(self.signum).name
+        except ValueError:
+            self.signame = f"signal {self.signum}"
+        super().__init__(f"interrupted by {self.signame}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention 128 + signal number: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum

@@ -68,10 +68,9 @@ class _DreamWorker:
         from sae_targets.loading import load_subject
 
         self.cfg = ReverieConfig.model_validate(cfg_json)
-        if self.cfg.run.torch_threads:
-            import torch
+        from pipeline.runtime import apply_torch_threads
 
-            torch.set_num_threads(self.cfg.run.torch_threads)
+        apply_torch_threads(self.cfg.run)
         self.subject = load_subject(self.cfg.model, self.cfg.sae)
 
     def run(self, latents: list[int], combine: str | None, log10_density: list) -> list[Any]:

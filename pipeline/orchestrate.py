@@ -31,7 +31,10 @@ def target_rows(run_id: str, subject: Subject, targets: list[Target], density_so
 
 def record_targets(cfg: ReverieConfig, subject: Subject, targets: list[Target], density_source: str,
                    run_id: str | None = None, kind: str = "targets") -> str:
-    """Start (or resume) a run and store its targets, replacing any earlier rows of that run.
+    """Start (or resume) a run and store its targets, replacing any earlier rows of that run
+    (``reverie targets --record``, ``reverie dream``, ``reverie scan``; a ``kind='targets'`` run is
+    finished 'done' at once). Only call it once the model, SAE and targets are known to be valid:
+    nothing is written before.
 
     Returns:
         The run id.
@@ -62,19 +65,28 @@ RUN_LEVEL = "*"  # target_id of units that cover the whole run
 
 @dataclass
 class NightlySummary:
-    """What a nightly run did. ``exit_code`` is 1 when any unit failed."""
+    """What a nightly run did. ``exit_code`` is 1 when any unit failed.
+
+    ``wall_s`` is this session's seconds, ``total_wall_s`` the run's over every session (resumes
+    add up). ``skipped_units`` maps a stage to the target ids of its units that were already
+    done and not rerun ('*' = a run-level unit). ``report_reused``: the report's inputs did not
+    change since it was last rendered, so it was not rendered again.
+    """
 
     run_id: str
     done: int = 0
     failed: int = 0
     skipped: int = 0
     wall_s: float = 0.0
+    total_wall_s: float = 0.0
     index_html: Path | None = None
     log_file: Path | None = None
     frac_beats: float | None = None
     frac_beats_in_dist: float | None = None
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped_units: dict[str, list[str]] = field(default_factory=dict)
+    report_reused: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -91,6 +103,15 @@ class UnitLedger:
 
     def __init__(self, store: Store, run_id: str, summary: NightlySummary):
         self.store, self.run_id, self.summary = store, run_id, summary
+        self.ran: set[tuple[str, str]] = set()  # (target_id, stage) of units run or recorded in this session
+
+    def done_units(self) -> dict[str, list[str]]:
+        """Stage → target ids of this run's units whose status is 'done' (stage order of STAGES)."""
+        rows = self.store.fetch("SELECT stage, target_id FROM units WHERE run_id = ? AND status = 'done' ORDER BY stage, target_id", [self.run_id])
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["stage"], []).append(r["target_id"])
+        return dict(sorted(out.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else len(STAGES)))
 
     def status(self, target_id: str, stage: str) -> str | None:
         row = self.store.fetch_one("SELECT status FROM units WHERE run_id = ? AND target_id = ? AND stage = ?", [self.run_id, target_id, stage])
@@ -99,12 +120,23 @@ class UnitLedger:
     def is_done(self, target_id: str, stage: str) -> bool:
         return self.status(target_id, stage) == "done"
 
-    def record(self, target_id: str, stage: str, status: str, started: dt.datetime, error: str | None = None) -> None:
-        """Write one unit's row (joins the caller's transaction, if any)."""
+    def record(self, target_id: str, stage: str, status: str, started: dt.datetime, error: str | None = None,
+               wall_s: float | None = None) -> None:
+        """Write one unit's row (joins the caller's transaction, if any).
+
+        Args:
+            status: 'done' | 'failed' | 'skipped'.
+            started: when the unit started (naive UTC).
+            error: 'ExceptionType: message' of a failed unit (or why it was skipped).
+            wall_s: the unit's compute time in seconds (e.g. measured by the executor); None =
+                from ``started`` to now.
+        """
         ended = now_utc()
+        self.ran.add((target_id, stage))
         self.store.replace("units", {"run_id": self.run_id, "target_id": target_id, "stage": stage}, [{
             "run_id": self.run_id, "target_id": target_id, "stage": stage, "status": status,
-            "started_at": started, "ended_at": ended, "wall_s": (ended - started).total_seconds(), "error": error,
+            "started_at": started, "ended_at": ended, "wall_s": (ended - started).total_seconds() if wall_s is None else float(wall_s),
+            "error": error,
         }])
         log.info("unit %s %s: %s%s", stage, target_id, status, f" ({error})" if error else "")
         if status == "done":
@@ -115,23 +147,46 @@ class UnitLedger:
         else:
             self.summary.skipped += 1
 
-    def run(self, target_id: str, stage: str, fn: Callable[[], Any], atomic: bool = True) -> tuple[bool, Any]:
+    def run(self, target_id: str, stage: str, fn: Callable[[], Any], atomic: bool = True,
+            wall_s: float | None = None) -> tuple[bool, Any]:
         """Run ``fn`` as one unit. ``atomic``: its writes and the unit row commit together, or
         neither does. Stages that commit their own progress (the scan's checkpoints, the LLM
-        response cache) run with ``atomic=False`` so a kill keeps that progress."""
+        response cache) run with ``atomic=False`` so a kill keeps that progress; a signal stops
+        them at once (:func:`pipeline.signals.interruptible`).
+
+        The unit's recorded wall time is ``fn``'s own time (its compute; the unit row's write is
+        not counted), or ``wall_s`` when given (compute done elsewhere, e.g. by an executor).
+
+        Returns:
+            ``(True, fn's value)``, or ``(False, None)`` when ``fn`` raised (recorded 'failed').
+        Raises:
+            Interrupted: a signal arrived before or during the unit (nothing of the unit is
+                recorded, so a rerun does it again); KeyboardInterrupt and DuckDB's "Query
+                interrupted" are re-raised as ``Interrupted``, never recorded as failures.
+        """
+        from pipeline.signals import as_interrupted, check_interrupt, interruptible, is_interrupt
+
+        check_interrupt()
         started = now_utc()
+        t0 = time.perf_counter()
         try:
             if atomic:
                 with self.store.transaction():
                     out = fn()
-                    self.record(target_id, stage, "done", started)
+                    took = time.perf_counter() - t0
+                    self.record(target_id, stage, "done", started, wall_s=took if wall_s is None else wall_s)
             else:
-                out = fn()
-                self.record(target_id, stage, "done", started)
+                with interruptible():
+                    out = fn()
+                took = time.perf_counter() - t0
+                self.record(target_id, stage, "done", started, wall_s=took if wall_s is None else wall_s)
             return True, out
-        except Exception as e:  # noqa: BLE001 - a failing unit never stops the batch
+        except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - a failing unit never stops the batch
+            if is_interrupt(e):
+                log.warning("%s unit %s interrupted", stage, target_id)
+                raise as_interrupted(e) from None
             log.exception("%s unit %s failed", stage, target_id)
-            self.record(target_id, stage, "failed", started, f"{type(e).__name__}: {e}")
+            self.record(target_id, stage, "failed", started, f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
             return False, None
 
 
@@ -169,6 +224,13 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
     rows commit in one transaction with its ``units`` row, so a kill loses at most the units
     in flight and never leaves partial rows. One failing unit does not stop the others.
 
+    The run's record tells the truth: 'done' only when every unit finished; 'failed' (with the
+    error, also in the log file) when a unit failed or the model/SAE/targets could not be loaded;
+    'interrupted' when SIGINT/SIGTERM stopped it (:mod:`pipeline.signals`; a rerun resumes).
+    Its wall time adds up over resumes. A resume lists the units it skipped
+    (``summary.skipped_units``) and does not render the report again when its inputs did not
+    change (:func:`report_key`).
+
     Args:
         cfg: the configuration (``targets.seed`` None = today's date).
         run_id: defaults to ``run.run_id`` or 'nightly-YYYYmmdd'.
@@ -176,16 +238,18 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
     Returns:
         :class:`NightlySummary`; ``exit_code`` is 1 if any unit failed.
     Raises:
-        ReverieError: the model, SAE or corpus cannot be loaded (nothing to run).
+        ReverieError: the model, SAE or corpus cannot be loaded, or the targets are invalid
+            (the run is recorded 'failed').
+        Interrupted: SIGINT or SIGTERM (or KeyboardInterrupt); the run is recorded 'interrupted'.
     """
     from sae_targets.loading import load_subject
     from sae_targets.selection import select_targets
 
-    t0 = time.time()
-    if cfg.run.torch_threads:
-        import torch
+    from pipeline.runtime import apply_torch_threads
+    from pipeline.signals import as_interrupted, check_interrupt, is_interrupt
 
-        torch.set_num_threads(cfg.run.torch_threads)
+    t0 = time.time()
+    apply_torch_threads(cfg.run)
     run_id = run_id or cfg.run.run_id or default_run_id()
     summary = NightlySummary(run_id=run_id)
     project = cfg.project.path
@@ -193,10 +257,17 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
     handler = _attach_log(summary.log_file)
     store = Store(project)
     executor = None
+    error: BaseException | None = None
+    prior_wall = 0.0
+    ledger: UnitLedger | None = None
+    done_before: dict[str, list[str]] = {}
     try:
         resumed = not store.start_run(run_id, "nightly", json.dumps(cfg.to_toml_dict(), sort_keys=True), cfg.fingerprint())
+        prior_wall = store.run_wall_s(run_id) if resumed else 0.0
         log.info("%s run %s (project %s)", "resuming" if resumed else "starting", run_id, project)
         ledger = UnitLedger(store, run_id, summary)
+        done_before = ledger.done_units() if resumed else {}
+        check_interrupt()
         subject = load_subject(cfg.model, cfg.sae)
 
         # targets ---------------------------------------------------------------
@@ -274,26 +345,88 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
         from reports.render import render_reports
 
         # the index shows the run's status and wall time: record them before rendering
-        store.finish_run(run_id, "failed" if summary.failed else "done", time.time() - t0,
+        check_interrupt()
+        prev = store.fetch_one("SELECT report_key, summary_json FROM runs WHERE run_id = ?", [run_id])
+        store.finish_run(run_id, "failed" if summary.failed else "done", prior_wall + time.time() - t0,
                          {"done": summary.done, "failed": summary.failed, "skipped": summary.skipped})
 
-        ok, index = ledger.run(RUN_LEVEL, "report", lambda: render_reports(cfg, store, run_id), atomic=False)
-        summary.index_html = index
+        key = report_key(cfg, store, run_id)
+        prev_index = _previous_index(prev)
+        if (ledger.is_done(RUN_LEVEL, "report") and prev and prev["report_key"] == key
+                and prev_index is not None and prev_index.exists()):
+            summary.index_html, summary.report_reused = prev_index, True
+            log.info("report: inputs unchanged since it was rendered; kept %s", prev_index)
+        else:
+            ok, index = ledger.run(RUN_LEVEL, "report", lambda: render_reports(cfg, store, run_id), atomic=False)
+            summary.index_html = index
+            store.set_report_key(run_id, key if ok else None)
+    except BaseException as e:
+        error = e
+        if is_interrupt(e):
+            raise as_interrupted(e) from None
+        raise
     finally:
         if executor is not None:
-            executor.close()
+            try:
+                executor.close()
+            except Exception:  # noqa: BLE001 - never hide the run's own outcome
+                log.exception("closing the %s executor failed", executor.name)
         summary.wall_s = time.time() - t0
-        status = "failed" if summary.failed else "done"
+        summary.total_wall_s = prior_wall + summary.wall_s
+        if ledger is not None:
+            summary.skipped_units = {st: [t for t in ids if (t, st) not in ledger.ran] for st, ids in done_before.items()}
+            summary.skipped_units = {st: ids for st, ids in summary.skipped_units.items() if ids}
+        interrupted = error is not None and is_interrupt(error)
+        status = "interrupted" if interrupted else "failed" if (error is not None or summary.failed) else "done"
+        err_text = None
+        if error is not None:
+            err_text = str(as_interrupted(error)) if interrupted else f"{type(error).__name__}: {error}"
+            if interrupted:
+                log.warning("run %s %s; rerun the same run id to resume", run_id, err_text)
+            else:
+                log.error("run %s failed: %s", run_id, err_text, exc_info=(type(error), error, error.__traceback__))
         try:
-            store.finish_run(run_id, status, summary.wall_s, {
+            store.finish_run(run_id, status, summary.total_wall_s, {
                 "done": summary.done, "failed": summary.failed, "skipped": summary.skipped,
                 "index_html": str(summary.index_html) if summary.index_html else None,
                 "frac_beats": summary.frac_beats, "frac_beats_in_dist": summary.frac_beats_in_dist,
-                "failures": summary.failures,
-            })
+                "failures": summary.failures, "session_wall_s": summary.wall_s,
+            }, error=err_text)
+        except Exception:  # noqa: BLE001 - the original error (if any) matters more
+            log.exception("could not record run %s as %s", run_id, status)
         finally:
             store.close()
+            log.info("run %s %s: %d done, %d failed, %d skipped in %.1f s (%.1f s over all sessions)", run_id, status,
+                     summary.done, summary.failed, summary.skipped, summary.wall_s, summary.total_wall_s)
             logging.getLogger().removeHandler(handler)
             handler.close()
-    log.info("run %s: %d done, %d failed, %d skipped in %.1f s", run_id, summary.done, summary.failed, summary.skipped, summary.wall_s)
     return summary
+
+
+def report_key(cfg: ReverieConfig, store: Store, run_id: str) -> str:
+    """Key of a run's report inputs: every non-report unit of the run (target, stage, status,
+    end time), the run's status, the configuration and the code version. Equal keys mean the
+    report would be rendered from the same rows by the same code (only the run's wall time on
+    the index may be older), so a resume keeps the existing report.
+
+    Returns:
+        'sha256:' + 16 hex characters.
+    """
+    import hashlib
+
+    from pipeline.store import code_version
+
+    units = store.fetch("SELECT target_id, stage, status, CAST(ended_at AS VARCHAR) AS ended FROM units "
+                        "WHERE run_id = ? AND stage <> 'report' ORDER BY stage, target_id", [run_id])
+    run = store.fetch_one("SELECT status FROM runs WHERE run_id = ?", [run_id])
+    blob = json.dumps({"units": units, "status": run["status"] if run else None, "config": cfg.fingerprint(),
+                       "code": code_version()}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _previous_index(row: dict | None) -> Path | None:
+    try:
+        path = json.loads(row["summary_json"] or "{}").get("index_html") if row else None
+    except (TypeError, ValueError):
+        return None
+    return Path(path) if path else None

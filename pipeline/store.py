@@ -221,11 +221,12 @@ class Store:
 
     # ------------------------------------------------------------------ runs
     def start_run(self, run_id: str, kind: str, config_json: str, config_hash: str) -> bool:
-        """Record a run as running. Returns False (and marks it running again) if it existed: a resume."""
+        """Record a run as running. Returns False (and marks it running again, clearing its error)
+        if it existed: a resume. A resumed run keeps its ``wall_s`` (see :meth:`run_wall_s`)."""
         with self.transaction():
             existing = self.fetch_one("SELECT run_id FROM runs WHERE run_id = ?", [run_id])
             if existing:
-                self.conn.execute("UPDATE runs SET status = 'running', ended_at = NULL WHERE run_id = ?", [run_id])
+                self.conn.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL WHERE run_id = ?", [run_id])
                 return False
             self.insert("runs", [{
                 "run_id": run_id, "kind": kind, "config_json": config_json, "config_hash": config_hash,
@@ -234,12 +235,36 @@ class Store:
             }])
             return True
 
-    def finish_run(self, run_id: str, status: str, wall_s: float | None = None, summary: Mapping[str, Any] | None = None) -> None:
-        """Mark a run finished with ``status`` ('done' | 'failed'), its wall time and summary."""
+    RUN_STATUSES = ("running", "done", "failed", "interrupted")
+
+    def finish_run(self, run_id: str, status: str, wall_s: float | None = None, summary: Mapping[str, Any] | None = None,
+                   error: str | None = None) -> None:
+        """Mark a run finished.
+
+        Args:
+            status: 'done' | 'failed' | 'interrupted' (or 'running' for a progress update).
+            wall_s: the run's total wall time in seconds over every session (a resumed run adds
+                this session's seconds to :meth:`run_wall_s`); None keeps the stored value.
+            summary: JSON-able summary (replaces the stored one; None = an empty summary).
+            error: why the run failed or stopped ('ExceptionType: message'), or None.
+        Raises:
+            ReverieError: an unknown status.
+        """
+        if status not in self.RUN_STATUSES:
+            raise ReverieError(f"unknown run status {status!r}; one of {', '.join(self.RUN_STATUSES)}")
         self.conn.execute(
-            "UPDATE runs SET status = ?, ended_at = ?, wall_s = ?, summary_json = ? WHERE run_id = ?",
-            [status, now(), wall_s, json.dumps(dict(summary or {}), sort_keys=True, default=str), run_id],
+            "UPDATE runs SET status = ?, ended_at = ?, wall_s = coalesce(?, wall_s), summary_json = ?, error = ? WHERE run_id = ?",
+            [status, now(), wall_s, json.dumps(dict(summary or {}), sort_keys=True, default=str), error, run_id],
         )
+
+    def run_wall_s(self, run_id: str) -> float:
+        """Wall time (seconds) a run has recorded so far over its sessions; 0.0 for a new run."""
+        row = self.fetch_one("SELECT wall_s FROM runs WHERE run_id = ?", [run_id])
+        return float(row["wall_s"] or 0.0) if row else 0.0
+
+    def set_report_key(self, run_id: str, key: str | None) -> None:
+        """Store the key of the inputs a run's report was rendered from (None: none rendered)."""
+        self.conn.execute("UPDATE runs SET report_key = ? WHERE run_id = ?", [key, run_id])
 
     def close(self) -> None:
         """Close the connection (the file lock is released)."""

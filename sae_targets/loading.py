@@ -101,8 +101,13 @@ class Subject:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode_tokens(self, ids: list[int]) -> list[str]:
-        """Each id decoded alone (for per-token display)."""
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+        """Display pieces of ``ids``, one string per id (:func:`sae_targets.tokens.token_pieces`):
+        each token's own bytes with its spaces kept (no words run together), newlines/tabs shown
+        as ``\\n``/``\\t``, partial UTF-8 bytes as ``\\xNN``. Their concatenation, read back
+        with :func:`sae_targets.tokens.from_display`, is the decoded text."""
+        from sae_targets.tokens import token_pieces
+
+        return token_pieces(self.tokenizer, ids)
 
     def with_bos(self, ids: list[int]) -> list[int]:
         """Prepend BOS when the SAE's metadata says ``prepend_bos`` (and the tokenizer has one)."""

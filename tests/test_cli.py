@@ -38,7 +38,7 @@ def test_help_on_every_command():
 
 
 def test_targets_prints_demo_latents(tmp_path):
-    args = ["targets", "--config", str(DEMO_CONFIG), "--project-dir", str(tmp_path)]
+    args = ["targets", "--config", str(DEMO_CONFIG), "--project-dir", str(tmp_path), "--record"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "blocks.1.hook_resid_pre" in r.output and "jumprelu" in r.output and "tinystories-656k" in r.output

@@ -51,8 +51,11 @@ class Example:
 
     @property
     def text(self) -> str:
-        """The tokens joined (decoded token strings concatenate to the text)."""
-        return "".join(self.tokens)
+        """The text the tokens stand for: display pieces joined and read back
+        (:func:`sae_targets.tokens.from_display`), so ``\\n`` is a newline again."""
+        from sae_targets.tokens import from_display
+
+        return from_display("".join(self.tokens))
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,12 @@ class ParseError(ValueError):
 
 
 def escape_token(token: str) -> str:
-    """A token as one printable line: backslash, newline, carriage return and tab escaped."""
-    return token.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    """Raw text as one printable line, in the display convention of
+    :func:`sae_targets.tokens.display_text` (backslash, newline, carriage return, tab and other
+    control characters escaped)."""
+    from sae_targets.tokens import display_text
+
+    return display_text(token)
 
 
 def activation_marks(acts: Sequence[float], a_max: float) -> list[int]:
@@ -73,7 +77,10 @@ def activation_marks(acts: Sequence[float], a_max: float) -> list[int]:
 
 def format_marked(example: Example, a_max: float) -> str:
     """One example as ``<start>`` / ``token<TAB>mark`` lines / ``<end>``."""
-    lines = [f"{escape_token(t)}\t{m}" for t, m in zip(example.tokens, activation_marks(example.acts, a_max))]
+    from sae_targets.tokens import visible
+
+    # tokens are display pieces (sae_targets.tokens): shown as they are, raw control characters escaped
+    lines = [f"{visible(t)}\t{m}" for t, m in zip(example.tokens, activation_marks(example.acts, a_max))]
     return "<start>\n" + "\n".join(lines) + "\n<end>"
 
 
