@@ -103,6 +103,8 @@ class DreamPrompt:
     token_acts: list[float] | None
     latent_acts: list[float] | None
     attribution: list[AttributionToken] | None = None
+    ce_rest: float | None = None  # CE without the first token (nats/token), when the dream stage stores it
+    n_tokens: int | None = None
 
 
 @dataclass
@@ -118,6 +120,7 @@ class DreamRun:
     config: dict[str, Any]
     objective_key: str | None = None
     stop_reason: str | None = None
+    objective_scale: str | None = None  # what EPO divided the objective by (dream_runs.objective_scale, migration 0008), when stored
 
 
 @dataclass
@@ -144,6 +147,24 @@ class Example:
     max_pos: int
     window_ce: float | None
     window_act: float | None
+    window_ce_rest: float | None = None
+
+
+@dataclass
+class DataWindow:
+    """A searched matched-length dataset window fed alone after BOS (``scan_windows``): on the
+    dataset's Pareto frontier under CE over all tokens and/or CE without the first token."""
+
+    tokens: list[str]
+    act: float
+    ce: float
+    ce_rest: float | None
+    latent: int
+    context_idx: int
+    end_pos: int
+    latent_acts: list[float] | None
+    frontier_all: bool
+    frontier_rest: bool
 
 
 @dataclass
@@ -161,6 +182,7 @@ class ScanInfo:
     corpus: dict[str, Any]
     created_at: dt.datetime | None
     chosen_by: str  # 'comparison' | 'latest covering scan'
+    bands: dict[str, dict[str, float | None]] = field(default_factory=dict)  # convention ('all'|'rest') → p10, p50, mean, std, in_dist
 
     @property
     def corpus_label(self) -> str:
@@ -190,6 +212,10 @@ class LatentScan:
     hist_counts: list[int] | None = None
     top: list[Example] = field(default_factory=list)
     quantiles: list[Example] = field(default_factory=list)
+    window_max: float | None = None  # best matched-length window fed alone (searched)
+    n_windows_searched: int | None = None
+    n_contexts_searched: int | None = None
+    n_short_contexts: int | None = None
 
 
 @dataclass
@@ -211,6 +237,18 @@ class Comparison:
     beats_data: bool | None
     beats_data_in_dist: bool | None
     metrics: dict[str, Any]
+    ce_convention: str | None = None
+    data_best_act: float | None = None
+    data_best_ce: float | None = None
+    dream_at_data_ce: float | None = None
+    dream_at_data_ce_ce: float | None = None
+    dominates: bool | None = None
+    frontier_dominated: float | None = None
+    n_data_frontier: int | None = None
+    verdict: str | None = None
+    in_dist_state: str | None = None
+    data_max_in_context: float | None = None
+    is_combination: bool | None = None
 
 
 @dataclass
@@ -265,6 +303,7 @@ class TargetData:
     latent_scans: list[LatentScan] = field(default_factory=list)
     baselines: list[Baseline] = field(default_factory=list)
     objective_windows: list[tuple[float, float]] = field(default_factory=list)  # combination: (window CE, objective) of dataset windows
+    data_windows: list[DataWindow] = field(default_factory=list)  # the searched dataset frontier of the target's objective
     explanations: list[Explanation] = field(default_factory=list)
     explain_failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -309,6 +348,13 @@ class CompareSummary:
     ce_mean: float | None
     ce_std: float | None
     in_dist_threshold: float | None
+    ce_convention: str | None = None
+    n_single: int | None = None
+    n_dominance_known: int | None = None
+    n_dominates: int | None = None
+    frac_dominates: float | None = None
+    ce_p10: float | None = None
+    ce_p50: float | None = None
 
 
 @dataclass
@@ -431,6 +477,9 @@ def _find_scan(rd: _Reader, target: dict[str, Any], scan_id: str | None) -> Scan
         scan_id=r["scan_id"], status=r["status"], tokens_seen=int(r["tokens_seen"]), n_contexts=int(r["n_contexts"]),
         window_len=r["window_len"], ce_mean=r["ce_mean"], ce_std=r["ce_std"], in_dist_threshold=r["in_dist_threshold"],
         corpus=_json(r["corpus_json"]), created_at=r["created_at"], chosen_by=how,
+        bands={"all": {"p10": r.get("ce_p10"), "p50": r.get("ce_p50"), "mean": r["ce_mean"], "std": r["ce_std"], "in_dist": r["in_dist_threshold"]},
+               "rest": {"p10": r.get("ce_rest_p10"), "p50": r.get("ce_rest_p50"), "mean": r.get("ce_rest_mean"), "std": r.get("ce_rest_std"),
+                        "in_dist": r.get("ce_rest_in_dist_threshold")}},
     )
 
 
@@ -438,7 +487,7 @@ def _example(r: dict[str, Any]) -> Example:
     return Example(
         latent=int(r["latent"]), kind=r["kind"], rank=int(r["rank"]), bin=r["bin"], tokens=list(r["tokens"]),
         acts=_floats(r["acts"]) or [], max_act=float(r["max_act"]), max_pos=int(r["max_pos"]),
-        window_ce=r["window_ce"], window_act=r["window_act"],
+        window_ce=r["window_ce"], window_act=r["window_act"], window_ce_rest=r.get("window_ce_rest"),
     )
 
 
@@ -448,6 +497,8 @@ def _latent_scan(rd: _Reader, scan_id: str, latent: int, n_top: int, n_per_bin: 
         ls.n_tokens, ls.n_firing, ls.density = r["n_tokens"], r["n_firing"], r["density"]
         ls.max_act, ls.mean_act = r["max_act"], r["mean_act"]
         ls.hist_edges, ls.hist_counts = _floats(r["hist_edges"]), r["hist_counts"]
+        ls.window_max, ls.n_windows_searched = r.get("window_max"), r.get("n_windows_searched")
+        ls.n_contexts_searched, ls.n_short_contexts = r.get("n_contexts_searched"), r.get("n_short_contexts")
     ls.top = [_example(r) for r in rd.rows(
         "scan_examples", "SELECT * FROM scan_examples WHERE scan_id = ? AND latent = ? AND kind = 'top' ORDER BY rank LIMIT ?",
         [scan_id, latent, n_top])]
@@ -464,7 +515,8 @@ def _dreams(rd: _Reader, td: TargetData, run_id: str) -> None:
     td.dream_runs = [
         DreamRun(dream_id=r["dream_id"], seed=int(r["seed"]), objective=r["objective"], n_iterations=int(r["n_iterations"]),
                  n_candidates=int(r["n_candidates"]), wall_s=float(r["wall_s"]), config=_json(r["config_json"]),
-                 objective_key=r.get("objective_key"), stop_reason=r.get("stop_reason"))
+                 objective_key=r.get("objective_key"), stop_reason=r.get("stop_reason"),
+                 objective_scale=None if r.get("objective_scale") is None else str(r.get("objective_scale")))
         for r in runs
     ]
     if not runs:
@@ -487,6 +539,7 @@ def _dreams(rd: _Reader, td: TargetData, run_id: str) -> None:
             text=r["text"], activation=float(r["activation"]), ce=float(r["ce"]), perplexity=float(r["perplexity"]),
             lam=r["lam"], iteration=int(r["iteration"]), token_acts=_floats(r["token_acts"]),
             latent_acts=_floats(r["latent_acts"]), attribution=attrs.get((r["dream_id"], int(r["idx"]))),
+            ce_rest=None if r.get("ce_rest") is None else float(r["ce_rest"]), n_tokens=len(r["token_ids"]) if r.get("token_ids") is not None else None,
         )
         for r in rd.rows("dream_prompts", f"SELECT * FROM dream_prompts WHERE dream_id IN ({marks}) ORDER BY activation DESC, dream_id, idx", ids)
     ]
@@ -552,8 +605,36 @@ def load_target(store: Store, run_id: str, target_id: str, n_top: int = 20, n_pe
                     "AND window_ce IS NOT NULL AND window_act IS NOT NULL ORDER BY rank", [td.scan.scan_id])
                 if r["objective_key"].rsplit(":", 1)[-1] == target_id
             ][:n_top]
+        td.data_windows = [
+            DataWindow(tokens=list(r["tokens"]), act=float(r["window_act"]), ce=float(r["window_ce"]), ce_rest=r["window_ce_rest"],
+                       latent=int(r["latent"]), context_idx=int(r["context_idx"]), end_pos=int(r["end_pos"]),
+                       latent_acts=_floats(r["latent_acts"]), frontier_all=bool(r["frontier_all"]), frontier_rest=bool(r["frontier_rest"]))
+            for r in rd.rows("scan_windows", "SELECT * FROM scan_windows WHERE scan_id = ? ORDER BY objective_key, rank", [td.scan.scan_id])
+            if r["objective_key"] in keys or (not keys and r["objective_key"].rsplit(":", 1)[-1] == target_id)
+        ]
+    order_dreams(td)
     _explanations(rd, td, run_id)
     return td
+
+
+def dream_beats_dataset(td: TargetData, p: DreamPrompt) -> bool:
+    """Whether a dream's activation is above the dataset's (window alone, matched length): for one latent,
+    above the best searched window; for a combination, every member latent above its own dataset max
+    (window alone). False when the dataset side is unknown."""
+    if td.is_combination:
+        maxima = [ls.window_max for ls in td.latent_scans]
+        if not p.latent_acts or len(maxima) != len(p.latent_acts) or any(m is None for m in maxima):
+            return False
+        return all(a > m for a, m in zip(p.latent_acts, maxima))
+    ref = td.comparison.data_best_act if td.comparison and td.comparison.data_best_act is not None else (
+        td.comparison.data_max if td.comparison else None)
+    return ref is not None and p.activation > ref
+
+
+def order_dreams(td: TargetData) -> None:
+    """The pages' default dream order (issue 11 §4): dreams that beat the dataset first, by CE
+    ascending (the most fluent winner first), then the rest by CE ascending."""
+    td.prompts.sort(key=lambda p: (not dream_beats_dataset(td, p), p.ce, -p.activation, p.dream_id, p.idx))
 
 
 def load_run(store: Store, run_id: str, n_top: int = 20, n_per_bin: int = 2) -> RunData:
@@ -570,7 +651,7 @@ def load_run(store: Store, run_id: str, n_top: int = 20, n_per_bin: int = 2) -> 
     if targets:
         run.neuronpedia_id = neuronpedia_id_for(targets[0].sae_key, run.summary)
     cs = rd.rows("compare_summary", "SELECT * FROM compare_summary WHERE run_id = ?", [run_id])
-    summary = CompareSummary(**{k: cs[0][k] for k in CompareSummary.__dataclass_fields__}) if cs else None
+    summary = CompareSummary(**{k: cs[0].get(k) for k in CompareSummary.__dataclass_fields__}) if cs else None
     units = [UnitInfo(stage=u["stage"], target_id=u["target_id"], status=u["status"], wall_s=u["wall_s"], error=u["error"])
              for u in rd.rows("units", "SELECT * FROM units WHERE run_id = ? AND target_id = '*' ORDER BY stage", [run_id])]
     failures = [(r["what"], r["why"]) for r in rd.rows(

@@ -32,7 +32,7 @@ from pipeline.config import ReverieConfig
 from pipeline.paths import expand
 from pipeline.store import Store
 from reports import plots
-from reports.data import DreamPrompt, Example, RunData, TargetData, latest_run_id, load_run
+from reports.data import DreamPrompt, Example, RunData, TargetData, dream_beats_dataset, latest_run_id, load_run
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 FIG3_TOP = 64
@@ -184,7 +184,7 @@ def make_env() -> Environment:
     output cleaned by :func:`clean_text`, undefined names are errors."""
     env = Environment(loader=PackageLoader("reports", "templates"), autoescape=True, finalize=clean_text,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=fmt_num, seconds=fmt_seconds, time=fmt_time, sortkey=sort_key, tok=show_token, page=page_name)
+    env.filters.update(num=fmt_num, seconds=fmt_seconds, time=fmt_time, sortkey=sort_key, tok=show_token, page=page_name, ppl=ppl)
     return env
 
 
@@ -209,22 +209,54 @@ def neuronpedia_url(np_id: str | None, latent: int) -> str | None:
 
 
 # ---------------------------------------------------------------------------- pages
+CONVENTION_TEXT = {"rest": "CE without the first token (tokens 2..n; dreamy's convention)",
+                   "all": "CE over all n tokens, each scored after BOS"}
+
+
+def ppl(ce: Any) -> str:
+    """Perplexity exp(CE) of a CE in nats/token, formatted ('—' when unknown)."""
+    if ce is None or not isinstance(ce, (int, float)) or not math.isfinite(ce):
+        return "—"
+    return fmt_num(math.exp(ce)) if ce < 700 else "∞"
+
+
+def member_view(td: TargetData, p: DreamPrompt) -> list[dict[str, Any]]:
+    """Per member latent of a combination dream: its own activation and the ratio to that member's
+    own dataset max (matched window fed alone; the in-context max when no window was searched)."""
+    out = []
+    for j, ls in enumerate(td.latent_scans):
+        act = p.latent_acts[j] if p.latent_acts and j < len(p.latent_acts) else None
+        ref = ls.window_max if ls.window_max is not None else None
+        ratio = act / ref if act is not None and ref is not None and ref > 0 and math.isfinite(act) else None
+        out.append({"latent": ls.latent, "act": act, "ref": ref, "ratio": ratio})
+    return out
+
+
 def _target_view(td: TargetData, cfg: ReverieConfig, run: RunData, out: Path) -> dict[str, Any]:
     """Template context of one target page (plots are written here)."""
-    ce_limit = run.run.config_value("compare.ce_limit", cfg.compare.ce_limit)
-    in_dist = td.scan.in_dist_threshold if td.scan and td.scan.in_dist_threshold is not None else (
-        run.compare_summary.in_dist_threshold if run.compare_summary else None)
+    c = td.comparison
+    conv = (c.ce_convention if c and c.ce_convention else None) or "all"
+    bands = (td.scan.bands.get(conv) if td.scan else None) or {}
+    ce_limit = c.metrics.get("ce_limit") if c and c.metrics.get("ce_limit") is not None else run.run.config_value("compare.ce_limit", cfg.compare.ce_limit)
+    if isinstance(ce_limit, str):
+        ce_limit = bands.get(ce_limit)
+    in_dist = bands.get("in_dist")
+    if in_dist is None:
+        in_dist = td.scan.in_dist_threshold if td.scan and td.scan.in_dist_threshold is not None else (
+            run.compare_summary.in_dist_threshold if run.compare_summary else None)
     stem = page_name(td.target_id)[: -len(".html")]
     figs = {
-        "actce": plots.activation_vs_ce(td, out / f"{stem}-actce.png", ce_limit, in_dist),
+        "actce": plots.activation_vs_ce(td, out / f"{stem}-actce.png", ce_limit, in_dist, bands=bands, convention=conv),
         "evolution": plots.frontier_evolution(td, out / f"{stem}-evolution.png"),
         "hist": plots.activation_histograms(td, out / f"{stem}-hist.png"),
     }
     shown = td.prompts[: cfg.report.dreams_shown]
     dream_scale = _scale([p.token_acts for p in shown])
     dreams = [{"p": p, "cells": token_cells(p.tokens, p.token_acts, dream_scale,
-                                            max_pos=(p.token_acts.index(max(p.token_acts)) if p.token_acts else None))}
+                                            max_pos=(p.token_acts.index(max(p.token_acts)) if p.token_acts else None)),
+               "beats": dream_beats_dataset(td, p), "members": member_view(td, p) if td.is_combination else []}
               for p in shown]
+    conv_windows = [w for w in td.data_windows if (w.frontier_rest if conv == "rest" else w.frontier_all)]
     attributed = [{"p": p, "cells": attribution_cells(p)} for p in td.prompts if p.attribution]
     latents = []
     for ls in td.latent_scans:
@@ -239,6 +271,9 @@ def _target_view(td: TargetData, cfg: ReverieConfig, run: RunData, out: Path) ->
     return {
         "td": td, "figs": {k: (v.name if v else None) for k, v in figs.items()}, "dreams": dreams, "attributed": attributed,
         "latents": latents, "densities": densities, "ce_limit": ce_limit, "in_dist": in_dist, "dream_scale": dream_scale,
+        "conv": conv, "conv_text": CONVENTION_TEXT.get(conv, conv), "bands": bands, "data_windows": conv_windows,
+        "band_rows": (c.metrics.get("bands") if c else None) or [], "members": (c.metrics.get("members") if c else None) or [],
+        "objective_scales": sorted({d.objective_scale for d in td.dream_runs if d.objective_scale}),
         "dream_unit": td.unit("dream"), "scan_unit": td.unit("scan"), "compare_unit": td.unit("compare"), "explain_unit": td.unit("explain"),
     }
 
@@ -281,10 +316,20 @@ def render_reports(cfg: ReverieConfig, store: Store, run_id: str | None, out_dir
         (out / page_name(td.target_id)).write_text(html, encoding="utf-8")
     figs = {"ratio": plots.ratio_distribution(run.targets, out / "index-ratio.png"),
             "beats": plots.beats_fraction(run.targets, out / "index-beats.png")}
-    comps = [t.comparison for t in run.targets if t.comparison]
+    # batch numbers: single latents only (a combination's values are never mixed with single-latent ratios)
+    comps = [t.comparison for t in run.targets if t.comparison and not t.is_combination]
+    known = [c for c in comps if c.dominates is not None]
+    in_known = [c for c in comps if c.beats_data_in_dist is not None]
+    cs = run.compare_summary
+    conv = (cs.ce_convention if cs and cs.ce_convention else None) or next((c.ce_convention for c in comps if c.ce_convention), None) or "all"
+    scan = next((t.scan for t in run.targets if t.scan), None)
     index = env.get_template("index.html").render(
         **common, figs={k: (v.name if v else None) for k, v in figs.items()}, n_compared=len(comps),
-        n_beats=sum(1 for c in comps if c.beats_data), n_beats_in_dist=sum(1 for c in comps if c.beats_data_in_dist),
+        n_combos=sum(1 for t in run.targets if t.is_combination and t.comparison),
+        n_beats=sum(1 for c in comps if c.beats_data), n_beats_in_dist=sum(1 for c in in_known if c.beats_data_in_dist),
+        n_in_known=len(in_known), n_dominates=sum(1 for c in known if c.dominates), n_known=len(known),
+        conv=conv, conv_text=CONVENTION_TEXT.get(conv, conv), bands=(scan.bands.get(conv) if scan else None) or {},
+        ppl=ppl, member_view=member_view,
     )
     path = out / "index.html"
     path.write_text(index, encoding="utf-8")

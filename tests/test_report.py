@@ -153,15 +153,18 @@ def build_synthetic_db(project_dir: Path, seed: int = 0) -> Store:
             "corpus_json": json.dumps({"path": "/shared/corpora/tinystories-train.jsonl"}), "settings_json": "{}",
             "latents": [101, 202], "status": "done", "tokens_seen": 200000, "n_contexts": 1563, "window_len": 12,
             "ce_mean": 5.77, "ce_std": 1.14, "n_ce_windows": 1024, "in_dist_threshold": 8.05, "wall_s": 60.0, "pass_wall_s": 50.0,
-            "created_at": T0, "updated_at": T0}
+            "created_at": T0, "updated_at": T0, "ce_p10": 4.31, "ce_p50": 5.74, "ce_rest_mean": 4.9, "ce_rest_std": 1.1,
+            "ce_rest_p10": 3.52, "ce_rest_p50": 4.88, "ce_rest_in_dist_threshold": 7.1}
     store.insert("scans", [scan, {**scan, "scan_id": "scan-running", "status": "running", "latents": [101, 202, 303],
                                   "updated_at": T0 + dt.timedelta(hours=1)}])
     lat_rows, examples = [], []
     for lat, top in ((101, 6.5), (202, 4.4)):
         edges = list(np.linspace(0, top, 31))
         counts = [int(c) for c in 4000 * np.exp(-np.linspace(0, 8, 30))]
+        counts[-1] = 1  # the bin holding the maximum has one token: it must stay visible on the log scale
         lat_rows.append({"scan_id": SCAN, "latent": lat, "n_tokens": 200000, "n_firing": 980, "density": 0.0049, "max_act": top,
-                         "mean_act": top / 5, "hist_edges": edges, "hist_counts": counts})
+                         "mean_act": top / 5, "hist_edges": edges, "hist_counts": counts, "window_max": top * 0.86,
+                         "n_windows_searched": 7400, "n_contexts_searched": 64, "n_short_contexts": 1})
         examples += _examples(rng, lat, top, hostile=lat == 101)
     store.insert("scan_latents", lat_rows)
     store.insert("scan_examples", examples)
@@ -169,14 +172,33 @@ def build_synthetic_db(project_dir: Path, seed: int = 0) -> Store:
         {"scan_id": SCAN, "objective_key": "lp(p=0.1,offset=1.0):pre:last:101+202", "rank": k, "latent": 101 + 101 * (k % 2), "source_rank": k // 2,
          "window_ids": list(range(12)), "window_ce": float(rng.uniform(3.5, 8.0)), "window_act": float(6.6 - 0.3 * k)} for k in range(10)])
     store.insert("baselines", [{"scan_id": SCAN, "objective_key": "pre:last:101", "n": 1024, "length": 12, "mean": -0.4, "std": 0.9, "max": 2.7}])
+    store.insert("scan_windows", [
+        {"scan_id": SCAN, "objective_key": key, "rank": k, "latent": 101, "source_rank": k, "context_idx": 10 + k, "end_pos": 20 + k,
+         "window_ids": list(range(12)), "tokens": _tokens(rng, 11) + ([HOSTILE[0]] if k == 0 else [" dog"]), "window_ce": 2.0 + k,
+         "window_ce_rest": 1.5 + k, "window_act": 1.0 + k, "latent_acts": [1.0 + k, 0.5 * k] if "+" in key else None,
+         "frontier_all": True, "frontier_rest": True}
+        for key in ("pre:last:101", "lp(p=0.1,offset=1.0):pre:last:101+202") for k in range(5)])
     comp = {"run_id": RUN, "target_id": "101", "scan_id": SCAN, "dream_max": 9.0, "data_max": 5.6, "ratio": 9.0 / 5.6,
             "dream_best_ce_limit": 4.1, "data_best_ce_limit": 3.9, "dream_best_in_dist": 7.2, "data_best_in_dist": 5.6,
             "dream_z": 10.4, "data_z": 6.7, "n_beating": 5, "attribution_overlap": 0.67, "beats_data": True,
-            "beats_data_in_dist": True, "metrics_json": json.dumps({"note": PAYLOAD})}
-    store.insert("comparisons", [comp, {**comp, "target_id": "101+202", "dream_max": 6.0, "data_max": 6.6, "ratio": 6.0 / 6.6,
-                                        "n_beating": 0, "beats_data": False, "beats_data_in_dist": False, "metrics_json": None}])
-    store.insert("compare_summary", [{"run_id": RUN, "n_targets": 2, "frac_beats": 0.5, "frac_beats_in_dist": 0.5,
-                                      "ce_mean": 5.77, "ce_std": 1.14, "in_dist_threshold": 8.05}])
+            "beats_data_in_dist": True, "ce_convention": "all", "data_best_act": 5.6, "data_best_ce": 6.6, "dream_at_data_ce": 7.3,
+            "dream_at_data_ce_ce": 6.4, "dominates": True, "frontier_dominated": 0.6, "n_data_frontier": 5,
+            "verdict": "a dream dominates the dataset's best window", "in_dist_state": "dream beats the dataset in distribution",
+            "data_max_in_context": 6.5, "is_combination": False,
+            "metrics_json": json.dumps({"note": PAYLOAD, "ce_limit": 4.31, "bands": [
+                {"band": "p10", "limit": 4.31, "perplexity": 74.4, "dream_best": 4.1, "data_best": 3.9},
+                {"band": "p50", "limit": 5.74, "perplexity": 311.0, "dream_best": 6.0, "data_best": 4.8},
+                {"band": "in_dist", "limit": 8.05, "perplexity": 3134.0, "dream_best": 7.2, "data_best": 5.6}]})}
+    store.insert("comparisons", [comp, {**comp, "target_id": "101+202", "dream_max": 6.0, "data_max": 6.6, "ratio": None,
+                                        "n_beating": 0, "beats_data": False, "beats_data_in_dist": None, "dominates": False,
+                                        "verdict": "no dream is as fluent as the dataset's best window", "dream_at_data_ce": None,
+                                        "in_dist_state": "no dream in distribution", "is_combination": True, "data_max_in_context": None,
+                                        "metrics_json": json.dumps({"members": [
+                                            {"latent": 101, "dream_best": 6.2, "dream_best_ce": 9.1, "data_max_alone": 5.59, "data_max_in_context": 6.5, "ratio": 1.109},
+                                            {"latent": 202, "dream_best": 2.9, "dream_best_ce": 9.5, "data_max_alone": 3.78, "data_max_in_context": 4.4, "ratio": 0.767}]})}])
+    store.insert("compare_summary", [{"run_id": RUN, "n_targets": 2, "frac_beats": 1.0, "frac_beats_in_dist": 1.0,
+                                      "ce_mean": 5.77, "ce_std": 1.14, "in_dist_threshold": 8.05, "ce_convention": "all", "n_single": 1,
+                                      "n_dominance_known": 1, "n_dominates": 1, "frac_dominates": 1.0, "ce_p10": 4.31, "ce_p50": 5.74}])
     store.insert("explanations", [
         {"explanation_id": f"{RUN}/101/{src}", "run_id": RUN, "target_id": "101", "source": src, "model": "gpt-4o-mini",
          "text": txt, "raw_text": txt, "prompt_hash": "h", "n_dataset": 10, "n_dreams": 10, "prompt_tokens": 900, "completion_tokens": 40, "created_at": T0}
@@ -269,17 +291,23 @@ def test_index_lists_targets_with_metrics_and_metadata(report):
     assert "2025-01-01 02:00:00 UTC" in html and "42 min 00 s" in html and "0.1.0+bbbb-dirty" in html
     assert 'class="sortable targets"' in html
     assert "1.61" in html  # ratio 9.0 / 5.6
-    assert "1 / 2" in html  # beats for one of two compared targets
+    # the dominance headline, over single latents only (the combination is left out of the counts)
+    assert "a dream dominates the dataset's best window for 1 / 1" in html and "1 combination target(s)" in html
+    assert "median 5.74" in html and "10th percentile 4.31" in html  # corpus CE bands on the index
+    assert "dataset wins" in html and "dominates" in html  # badges: combination 101+202 loses, 101 dominates
+    assert "1.11×" in html and "0.767×" in html  # the combination: each member against its own dataset max
     assert "Fires on a dog running" in html
     assert "token budget reached after 3 targets" in html  # run-level explain failure
-    assert "effective configuration" in html and "&#34;ce_limit&#34;: 4.0" in html
+    assert "effective configuration" in html and "&#34;ce_limit&#34;: &#34;p10&#34;" in html
 
 
 def test_latent_page_sections(report):
     index, _, _ = report
     html = (index.parent / "latent-101.html").read_text()
     for needle in (MODEL, SAE, HOOK, "log10 density -2.31", f"https://www.neuronpedia.org/{NP_ID}/101",
-                   "dream max / dataset max", "1.61", "z-score vs random prompts", "10.4", "best at CE ≤ 4",
+                   "dream max / dataset max (window alone)", "1.61", "z-score vs random prompts", "10.4", "best at CE ≤ corpus 10th percentile",
+                   "dataset max (in context)", "best dream at CE ≤ 6.6", "7.3", "perplexity 735", "dreams dominate 60% of the dataset",
+                   "corpus median window CE", "The dataset's frontier", "7,400 full-length windows",
                    "pre:last:101", "Token attribution", 'class="attr-tok"', "quantile samples", "latent-101-actce.png",
                    "latent-101-evolution.png", "latent-101-hist.png", "Animals moving towards places.", "0.85", "0.52"):
         assert needle in html, needle
@@ -306,7 +334,9 @@ def test_missing_pieces_say_so(report):
     combo = (out / "latent-101_202.html").read_text()
     assert "Latents 101 + 202" in combo and ">lp<" in combo
     assert "<h3>Latent 101</h3>" in combo and "<h3>Latent 202</h3>" in combo
-    assert "per latent" in combo and "No explanations" in combo
+    assert "each latent: own activation" in combo and "No explanations" in combo
+    assert "Each member latent against its own dataset max" in combo and "0.767" in combo and "no dream is as fluent" in combo
+    assert "dreams beat the dataset in distribution" not in combo
 
 
 def test_hostile_text_renders_as_text(report):
