@@ -5,8 +5,10 @@
   the model and SAE once (not per task) and returns plain results to the driver. Works on an
   existing cluster (``run.ray_address``) or starts a local one.
 
-Both yield ``(target, results_or_error)`` as units finish, so the driver can commit each unit
-the moment it is done (a kill loses at most the units in flight).
+A unit of work is a *batch* of targets dreamed as one batched EPO search (``dream.batch_targets``
+targets × seeds; default: what fits ``dream.batch_memory_mb``). Both executors yield
+``(target, results_or_error)`` per target as its batch finishes, so the driver commits each
+unit the moment it is done (a kill loses at most the batches in flight).
 """
 
 from __future__ import annotations
@@ -22,34 +24,54 @@ log = logging.getLogger(__name__)
 UnitResult = tuple[Target, Any]  # (target, list[DreamResult] or the Exception it raised)
 
 
-def dream_unit(cfg: ReverieConfig, subject: Any, target: Target) -> list[Any]:
-    """Compute one dream unit: every configured seed of one target (no DB access).
+def dream_unit(cfg: ReverieConfig, subject: Any, targets: list[Target], dataset_max: dict[int, float] | None = None) -> list[list[Any]]:
+    """Compute one dream unit: every configured seed of a batch of targets, as one batched EPO
+    search (no DB access).
 
     Returns:
-        One ``DreamResult`` per seed in ``cfg.dream.seeds``.
+        Per target (in order), one ``DreamResult`` per seed in ``cfg.dream.seeds``.
     """
-    from stages.dream import dream_target
+    from pipeline.signals import check_interrupt
+    from stages.dream import dream_targets
 
-    return [dream_target(cfg, subject, target, seed) for seed in cfg.dream.seeds]
+    return dream_targets(cfg, subject, targets, dataset_max=dataset_max, should_stop=check_interrupt)
+
+
+def target_batches(cfg: ReverieConfig, subject: Any, targets: list[Target], n_workers: int = 1) -> list[list[Target]]:
+    """Split targets into dream units: at most ``dream.batch_targets`` (else what fits
+    ``dream.batch_memory_mb``) jobs each, and at least one unit per worker when there are enough."""
+    from stages.dream.stage import batch_capacity
+
+    seeds = max(1, len(cfg.dream.seeds))
+    cap = max(1, (cfg.dream.batch_targets or batch_capacity(subject, cfg.dream)) // seeds) if subject is not None else \
+        max(1, (cfg.dream.batch_targets or len(targets)) // seeds)
+    per = max(1, min(cap, -(-len(targets) // max(1, n_workers))))
+    return [targets[i: i + per] for i in range(0, len(targets), per)]
 
 
 class LocalExecutor:
-    """Runs dream units in this process with an already-loaded subject."""
+    """Runs dream units (batches of targets) in this process with an already-loaded subject."""
 
     name = "local"
 
-    def __init__(self, cfg: ReverieConfig, subject: Any):
+    def __init__(self, cfg: ReverieConfig, subject: Any, dataset_max: dict[int, float] | None = None):
         self.cfg = cfg
         self.subject = subject
+        self.dataset_max = dataset_max
 
     def map_dreams(self, targets: list[Target]) -> Iterator[UnitResult]:
         """Yield ``(target, [DreamResult, ...])`` or ``(target, exception)`` per target, in order."""
-        for t in targets:
+        from pipeline.signals import is_interrupt
+
+        for batch in target_batches(self.cfg, self.subject, targets):
             try:
-                yield t, dream_unit(self.cfg, self.subject, t)
+                results = dream_unit(self.cfg, self.subject, batch, self.dataset_max)
             except Exception as e:  # noqa: BLE001 - one failing unit must not stop the others
-                log.exception("dream unit %s failed", t.target_id)
-                yield t, e
+                if is_interrupt(e):
+                    raise
+                log.exception("dream unit %s failed", ", ".join(t.target_id for t in batch))
+                results = [e] * len(batch)
+            yield from zip(batch, results)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -73,9 +95,10 @@ class _DreamWorker:
         apply_torch_threads(self.cfg.run)
         self.subject = load_subject(self.cfg.model, self.cfg.sae)
 
-    def run(self, latents: list[int], combine: str | None, log10_density: list) -> list[Any]:
-        t = Target(latents=list(latents), combine=combine, log10_density=list(log10_density))
-        return dream_unit(self.cfg, self.subject, t)
+    def run(self, specs: list[tuple[list[int], str | None, list]], dataset_max: dict[int, float] | None = None) -> list[list[Any]]:
+        """Dream a batch of targets given as ``(latents, combine, log10_density)`` tuples."""
+        ts = [Target(latents=list(lat), combine=comb, log10_density=list(dens)) for lat, comb, dens in specs]
+        return dream_unit(self.cfg, self.subject, ts, dataset_max)
 
 
 class RayExecutor:
@@ -87,7 +110,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, cfg: ReverieConfig):
+    def __init__(self, cfg: ReverieConfig, dataset_max: dict[int, float] | None = None):
         from pipeline.errors import ReverieError
 
         try:
@@ -96,6 +119,7 @@ class RayExecutor:
             raise ReverieError('run.executor = "ray" needs Ray: pip install -e ".[ray]"') from None
         self.ray = ray
         self.cfg = cfg
+        self.dataset_max = dataset_max
         rc = cfg.run
         self._started = False
         if not ray.is_initialized():
@@ -113,22 +137,24 @@ class RayExecutor:
         self.actors = [actor_cls.remote(cfg_json) for _ in range(rc.ray_num_workers)]
 
     def map_dreams(self, targets: list[Target]) -> Iterator[UnitResult]:
-        """Submit every unit, round-robin over the actors; yield results as they complete."""
+        """Submit one batch of targets per unit, round-robin over the actors; yield each target's
+        results as its batch completes."""
         ray = self.ray
         pending = {}
-        for i, t in enumerate(targets):
+        for i, batch in enumerate(target_batches(self.cfg, None, targets, len(self.actors))):
             actor = self.actors[i % len(self.actors)]
-            ref = actor.run.remote(t.latents, t.combine, t.log10_density)
-            pending[ref] = t
+            ref = actor.run.remote([(t.latents, t.combine, t.log10_density) for t in batch], self.dataset_max)
+            pending[ref] = batch
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
-            t = pending.pop(ref)
+            batch = pending.pop(ref)
             try:
-                yield t, ray.get(ref)
+                results = ray.get(ref)
             except Exception as e:  # noqa: BLE001
-                log.error("dream unit %s failed on Ray: %s", t.target_id, e)
-                yield t, e
+                log.error("dream unit %s failed on Ray: %s", ", ".join(t.target_id for t in batch), e)
+                results = [e] * len(batch)
+            yield from zip(batch, results)
 
     def close(self) -> None:
         """Kill the actors; shut Ray down if this executor started it."""
@@ -141,8 +167,9 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def make_executor(cfg: ReverieConfig, subject: Any):
-    """The executor named by ``run.executor``."""
+def make_executor(cfg: ReverieConfig, subject: Any, dataset_max: dict[int, float] | None = None):
+    """The executor named by ``run.executor``; ``dataset_max`` (latent → the scan's max) serves
+    ``dream.objective_scale = 'dataset_max'``."""
     if cfg.run.executor == "ray":
-        return RayExecutor(cfg)
-    return LocalExecutor(cfg, subject)
+        return RayExecutor(cfg, dataset_max)
+    return LocalExecutor(cfg, subject, dataset_max)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.errors import ReverieError
 from pipeline.store import Store
-from stages.scan.windows import Baseline
+from sae_targets.baseline import Baseline
 
 #: preference order of explanation sources for the index's one-line summary
 EXPLANATION_PREFERENCE = ("both", "dataset", "dreams")

@@ -5,8 +5,12 @@ latent: its pre-activation (default), post-activation or decoder-direction proje
 the last token or as the max over the optimized positions. Several latents at the same
 position combine by
 
-* ``lp``:  (Σ_j relu(a_j + offset)^p)^(1/p), p < 1 (default 0.1) — the follow-up post's
-  L_0.1 objective: smooth, and the optimizer cannot trade one latent away for another;
+* ``lp``: the power mean (1/L · Σ_j relu(a_j/s_j + offset)^p)^(1/p), p < 1 (default 0.1) —
+  the follow-up post's L_0.1 objective L_p([relu(a + offset), relu(b + offset)]) on
+  per-latent normalized activations a_j/s_j (``scales``), divided by the constant L^(1/p) so
+  that L latents all at value x give x: the combined value is on the scale of one normalized
+  latent, so λ means the same as for one latent. A latent with relu(·) = 0 contributes 0 (no ε
+  inside the power: it is masked, so one dead latent cannot inflate the value);
 * ``sum``: Σ_j a_j;
 * ``min``: min_j a_j.
 """
@@ -21,19 +25,18 @@ from pipeline.config import TargetsConfig
 from sae_targets.activations import Quantity, read_latents
 from sae_targets.selection import Target
 
-_EPS = 1e-6
-
-
 def combine_latents(a: torch.Tensor, combine: str | None, p: float = 0.1, offset: float = 1.0) -> torch.Tensor:
     """Combine per-latent values into one objective value.
 
     Args:
-        a: [..., L] per-latent activations.
+        a: [..., L] per-latent activations (already divided by their scales for 'lp').
         combine: None (L must be 1), 'lp', 'sum' or 'min'.
         p: exponent of 'lp', 0 < p < 1.
         offset: added before the ReLU of 'lp', so slightly negative activations still get a gradient.
     Returns:
-        [...] float.
+        [...] float. 'lp' is the power mean (mean_j relu(a_j + offset)^p)^(1/p): the follow-up
+        post's L_p norm divided by L^(1/p); terms with relu(·) = 0 are masked to 0 (value and
+        gradient), never raised to the power p through an ε.
     Raises:
         ValueError: unknown ``combine``, or None with L > 1.
     """
@@ -43,7 +46,12 @@ def combine_latents(a: torch.Tensor, combine: str | None, p: float = 0.1, offset
         return a[..., 0]
     if combine == "lp":
         r = torch.relu(a + offset)
-        return (r + _EPS).pow(p).sum(-1).pow(1.0 / p)
+        alive = r > 0
+        safe = torch.where(alive, r, torch.ones_like(r))          # no 0^p: its gradient is inf
+        terms = torch.where(alive, safe.pow(p), torch.zeros_like(r))
+        mean = terms.mean(-1)
+        pos = mean > 0
+        return torch.where(pos, torch.where(pos, mean, torch.ones_like(mean)).pow(1.0 / p), torch.zeros_like(mean))
     if combine == "sum":
         return a.sum(-1)
     if combine == "min":
@@ -61,6 +69,9 @@ class Objective:
         quantity: 'pre' | 'post' | 'projection'.
         reduce: 'last' (value at the final token) | 'max' (max over optimized positions).
         combine / p / offset: see :func:`combine_latents`.
+        scales: per-latent divisors applied before the combination (lp members normalized to
+            one scale, e.g. each latent's random-prompt σ or dataset max); None = 1.
+        scale_tag: short name of where ``scales`` came from ('z', 'dataset_max'); part of the key.
     """
 
     sae: object
@@ -70,12 +81,15 @@ class Objective:
     combine: str | None = None
     p: float = 0.1
     offset: float = 1.0
+    scales: list[float] | None = None
+    scale_tag: str | None = None
 
     @property
     def key(self) -> str:
         """Stable identity, e.g. 'pre:last:123' or 'lp(p=0.1,offset=1.0):pre:last:12+345' (baseline key)."""
         ids = "+".join(str(i) for i in self.latents)
-        head = "" if self.combine is None else (f"lp(p={self.p},offset={self.offset}):" if self.combine == "lp" else f"{self.combine}:")
+        tag = f",scale={self.scale_tag}" if (self.scales is not None and self.scale_tag) else ""
+        head = "" if self.combine is None else (f"lp(p={self.p},offset={self.offset}{tag}):" if self.combine == "lp" else f"{self.combine}{tag}:")
         return f"{head}{self.quantity}:{self.reduce}:{ids}"
 
     def describe(self) -> str:
@@ -84,16 +98,24 @@ class Objective:
         where = "at the last token" if self.reduce == "last" else "max over optimized tokens"
         if self.combine is None:
             return f"{q} of latent {self.latents[0]} {where}"
-        extra = f" (p={self.p}, offset={self.offset})" if self.combine == "lp" else ""
+        extra = f" (power mean, p={self.p}, offset={self.offset})" if self.combine == "lp" else ""
+        if self.scales is not None:
+            extra += f", each latent divided by its {self.scale_tag or 'scale'}"
         return f"{self.combine}{extra} of the {q}s of latents {', '.join(map(str, self.latents))} {where}"
 
     def latent_values(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-latent values at every position: [B, T, d_in] → [B, T, L]."""
+        """Per-latent values at every position, in the latents' own units: [B, T, d_in] → [B, T, L]."""
         return read_latents(self.sae, x, self.latents, self.quantity)
+
+    def combine_values(self, v: torch.Tensor) -> torch.Tensor:
+        """[..., L] per-latent values (own units) → [...] combined objective (scales applied)."""
+        if self.scales is not None:
+            v = v / torch.as_tensor(self.scales, dtype=v.dtype, device=v.device)
+        return combine_latents(v, self.combine, self.p, self.offset)
 
     def per_token(self, x: torch.Tensor) -> torch.Tensor:
         """Combined objective at every position: [B, T, d_in] → [B, T]."""
-        return combine_latents(self.latent_values(x), self.combine, self.p, self.offset)
+        return self.combine_values(self.latent_values(x))
 
     def reduce_tokens(self, per_token: torch.Tensor, optimized: slice) -> torch.Tensor:
         """[B, T] per-token values → [B]: the last position, or the max over ``optimized``."""

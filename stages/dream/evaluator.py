@@ -13,18 +13,27 @@ read on the hook activations of positions P … T−1 (``reduce='last'`` reads p
 Two evaluation paths give the same numbers (within float error, tested ≤ 1e-4):
 
 * plain: the full sequence through the model;
-* cached (``prefix_cache``): the fixed prefix's keys/values are computed once; a child is run
-  only from its first edited position on, attending to its parent's cached keys/values
-  (transformer_lens ``TransformerLensKeyValueCache``), with the parent's CE terms and per-token
-  objective values reused for the unchanged positions. Children are grouped by first edited
-  position so every group is one batched forward pass.
+* cached (``prefix_cache``): the fixed prefix's keys/values are computed once; children are
+  split into ``kv_buckets`` fixed ranges of their first edited position p (bucket b holds
+  p ∈ [⌈b·n/K⌉, ⌈(b+1)·n/K⌉)); each bucket is one batched forward (chunked for memory) that
+  starts at the bucket's first position and attends to the parents' cached keys/values
+  (transformer_lens ``TransformerLensKeyValueCache``) for the positions before it. The
+  parent's CE terms before p and its log-probs at p are reused. Bucket boundaries depend only
+  on (n, K), never on the batch, so a child's numbers do not depend on which other children
+  (or other targets) share its batch.
+
+Either way only the logits that score a new token are computed: the rows (child, position)
+that predict optimized tokens after the child's first edit are gathered into one ragged
+[R, d_model] matrix, unembedded once, and CE = logsumexp(logits) − logit[token] (no
+[B, n, V] log-softmax). Several objectives (targets) can share one batch: row b reads
+objective ``group[b]`` from the same hook activations.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +42,16 @@ from pipeline.config import EPOConfig
 from pipeline.errors import ConfigError
 from sae_targets.loading import Subject
 from sae_targets.objectives import Objective
+
+
+def group_runs(group: np.ndarray) -> list[tuple[int, int, int]]:
+    """Contiguous runs of equal values: [(value, lo, hi), ...] covering ``group`` in order."""
+    g = np.asarray(group)
+    if g.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(g)) + 1
+    bounds = [0, *cuts.tolist(), g.size]
+    return [(int(g[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 _ELEMENT_BUDGET = 1 << 27   # logits elements per forward pass (512 MiB fp32) before OOM adaptation
 
@@ -108,19 +127,28 @@ class PromptEvaluator:
 
     Args:
         subject: the loaded model + SAE.
-        objective: f, a callable on the hook activations (``Objective``).
+        objectives: one ``Objective`` or a sequence of them (one per target of a batched run;
+            row b of a batch reads ``objectives[group[b]]``).
         cfg: EPO settings used here: prefix, suffix, init_text / n_tokens, banned_tokens,
-            prefix_cache, kv_groups, batch_size.
+            prefix_cache, kv_buckets, batch_size.
+        scales: [G] positive divisors of each objective in the gradient's L_λ (objective scale,
+            e.g. σ of f over random prompts); None = 1. Returned values stay unscaled.
 
     Raises:
         ConfigError: the initial text contains banned/special tokens or is empty.
     """
 
-    def __init__(self, subject: Subject, objective: Objective, cfg: EPOConfig):
-        self.subject, self.objective, self.cfg = subject, objective, cfg
+    def __init__(self, subject: Subject, objectives: Objective | Sequence[Objective], cfg: EPOConfig,
+                 scales: Sequence[float] | None = None):
+        self.subject, self.cfg = subject, cfg
+        self.objectives = [objectives] if isinstance(objectives, Objective) else list(objectives)
+        if not self.objectives:
+            raise ConfigError("PromptEvaluator needs at least one objective")
+        self.objective = self.objectives[0]
         self.model = subject.model
         self.device = subject.device
         self.V = subject.vocab_size
+        self.scales = torch.tensor(list(scales) if scales is not None else [1.0] * len(self.objectives), dtype=torch.float32, device=self.device)
         self.prefix_ids = subject.with_bos(subject.encode(cfg.prefix) if cfg.prefix else [])
         self.suffix_ids = subject.encode(cfg.suffix) if cfg.suffix else []
         self.banned = banned_ids(subject, cfg.banned_tokens)
@@ -141,7 +169,7 @@ class PromptEvaluator:
         self.P, self.Q = len(self.prefix_ids), len(self.suffix_ids)
         self.T = self.P + self.n + self.Q
         self.prefix_cache = bool(cfg.prefix_cache)
-        self.kv_groups = getattr(cfg, "kv_groups", None)
+        self.kv_buckets = max(1, min(int(getattr(cfg, "kv_buckets", 1) or 1), self.n))
         self.batch_size = cfg.batch_size
         self._auto_bs: int | None = None
         scored = torch.ones(self.n, dtype=torch.float32)
@@ -153,7 +181,6 @@ class PromptEvaluator:
         self._suffix_t = torch.tensor(self.suffix_ids, dtype=torch.long, device=self.device)
         mcfg = self.model.cfg
         self.last_resid_hook = f"blocks.{mcfg.n_layers - 1}.hook_resid_post"
-        self.kv_heads = mcfg.n_key_value_heads or mcfg.n_heads
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._prefix_logprobs = torch.zeros(self.V, device=self.device)   # uniform when P = 0
         if self.P > 0:
@@ -169,6 +196,13 @@ class PromptEvaluator:
         """[k, n] int64 prompts of uniformly random allowed tokens (seeded)."""
         idx = torch.randint(self.allowed_ids.numel(), (k, self.n), generator=generator, device=generator.device)
         return self.allowed_ids[idx.to(self.device)]
+
+    def _groups(self, group: np.ndarray | None, B: int) -> np.ndarray:
+        if group is None:
+            if len(self.objectives) > 1:
+                raise ValueError("several objectives: pass the group (objective index) of every row")
+            return np.zeros(B, dtype=np.int64)
+        return np.asarray(group, dtype=np.int64)
 
     def _logits(self, resid: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -235,30 +269,41 @@ class PromptEvaluator:
         kv = [(e.past_keys, e.past_values) for e in cache.entries] if record_kv else None
         return store["act"], store["resid"], kv
 
-    def _tail_outputs(self, opt: torch.Tensor, start: int, acts: torch.Tensor, resid: torch.Tensor,
-                      onehot: torch.Tensor | None = None, want_logprobs: bool = False):
-        """Per-token values for positions ≥ max(start, P) and CE terms / log-probs of the optimized
-        tokens whose predicting position (P + j − 1) lies in the tail."""
-        P, n = self.P, self.n
-        off = max(P - start, 0)
-        values = self.objective.per_token(acts[:, off:]).float()             # positions max(start,P)..T-1
-        j_lo = max(start - P + 1, 0)
-        ce = logprobs = None
-        if j_lo < n:
-            i0 = P + j_lo - 1 - start
-            logits = self._logits(resid[:, i0:i0 + n - j_lo])
-            lp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-            if onehot is not None:
-                ce = -(onehot[:, j_lo:] * lp).sum(-1)
-            else:
-                ce = -lp.gather(-1, opt[:, j_lo:, None]).squeeze(-1)
-            logprobs = lp if want_logprobs else None
-        return values, ce, logprobs, j_lo
+    def per_token(self, acts: torch.Tensor, group: np.ndarray) -> torch.Tensor:
+        """Objective of each row's group at every position: [B, L, d_in] → [B, L] float32."""
+        parts = [self.objectives[g].per_token(acts[lo:hi]).float() for g, lo, hi in group_runs(group)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _finish(self, values: torch.Tensor, ce_terms: torch.Tensor) -> EvalOut:
+    def reduce(self, values: torch.Tensor, group: np.ndarray) -> torch.Tensor:
+        """[B, n + Q] per-token values → [B] f(t) (each row's objective's reduce rule)."""
+        parts = [self.objectives[g].reduce_tokens(values[lo:hi], slice(0, self.n)).float() for g, lo, hi in group_runs(group)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _ragged_ce(self, resid: torch.Tensor, opt: torch.Tensor, row0: int, need: torch.Tensor) -> torch.Tensor:
+        """CE terms from the rows of ``resid`` that predict optimized tokens.
+
+        Args:
+            resid: [B, L, d_model] final residual of positions [start, start + L).
+            opt: [B, n] optimized tokens.
+            row0: optimized index j predicted by resid row i is j = i + row0 (row0 = start − P + 1).
+            need: [B, n] bool, which j to compute (only j whose predicting row is in ``resid``).
+        Returns:
+            [B, n] float32: −log p(t_j | t_<j) where ``need``, else 0.
+        """
+        B, n = opt.shape
+        out = torch.zeros(B, n, device=self.device)
+        b_idx, j_idx = torch.nonzero(need, as_tuple=True)
+        if b_idx.numel() == 0:
+            return out
+        logits = self._logits(resid[b_idx, j_idx - row0])                      # [R, V]
+        lse = torch.logsumexp(logits, dim=-1)
+        tgt = logits.gather(-1, opt[b_idx, j_idx][:, None]).squeeze(-1)
+        out[b_idx, j_idx] = lse - tgt
+        return out
+
+    def _finish(self, values: torch.Tensor, ce_terms: torch.Tensor, group: np.ndarray) -> EvalOut:
         ce_terms = ce_terms * self.scored
-        act = self.objective.reduce_tokens(values, slice(0, self.n)).float()
-        return EvalOut(act=act, ce=ce_terms.sum(-1) / self.n_scored, values=values, ce_terms=ce_terms)
+        return EvalOut(act=self.reduce(values, group), ce=ce_terms.sum(-1) / self.n_scored, values=values, ce_terms=ce_terms)
 
     # ------------------------------------------------------------------ batching
     def _batched(self, n_items: int, width: int, fn: Callable[[int, int], EvalOut]) -> EvalOut:
@@ -266,7 +311,8 @@ class PromptEvaluator:
         if n_items == 0:
             z = torch.zeros(0, device=self.device)
             return EvalOut(z, z, torch.zeros(0, self.n + self.Q, device=self.device), torch.zeros(0, self.n, device=self.device))
-        bs = self.batch_size or self._auto_bs or max(1, _ELEMENT_BUDGET // max(1, width * self.V))
+        d = int(self.model.cfg.d_model) * int(self.model.cfg.n_layers) * 8
+        bs = self.batch_size or self._auto_bs or max(1, _ELEMENT_BUDGET // max(1, width * max(self.V // 2, d)))
         while True:
             try:
                 return EvalOut.cat([fn(lo, min(lo + bs, n_items)) for lo in range(0, n_items, bs)])
@@ -280,23 +326,41 @@ class PromptEvaluator:
 
     # ------------------------------------------------------------------ public evaluation
     @torch.no_grad()
-    def evaluate(self, opt: torch.Tensor) -> EvalOut:
-        """Plain path: f and CE of [B, n] prompts, full sequences through the model."""
+    def evaluate(self, opt: torch.Tensor, group: np.ndarray | None = None) -> EvalOut:
+        """Plain path: f and CE of [B, n] prompts, full sequences through the model.
+
+        Args:
+            opt: [B, n] int64 optimized tokens.
+            group: [B] host ints, objective index of each row (None with one objective).
+        Returns:
+            :class:`EvalOut` (f in the objective's own units, CE in nats/token).
+        """
         opt = opt.to(self.device)
+        group = self._groups(group, opt.shape[0])
+        start = self.P if (self.prefix_cache and self._prefix_kv is not None) else 0
+        need = torch.ones(1, self.n, dtype=torch.bool, device=self.device)
+        need[0, : max(start - self.P + 1, 0)] = False                      # j predicted inside the cached prefix
 
         def run(lo: int, hi: int) -> EvalOut:
-            o = opt[lo:hi]
-            acts, resid, _ = self._run(self.full(o), 0, None)
-            values, ce, _, j_lo = self._tail_outputs(o, 0, acts, resid)
-            ce_terms = torch.zeros(hi - lo, self.n, device=self.device)
-            if ce is not None:
-                ce_terms[:, j_lo:] = ce
-            return self._finish(values, ce_terms)
+            o, g = opt[lo:hi], group[lo:hi]
+            past = [(k.expand(hi - lo, -1, -1, -1), v.expand(hi - lo, -1, -1, -1)) for k, v in self._prefix_kv] if start > 0 else None
+            acts, resid, _ = self._run(self.full(o)[:, start:], start, past)
+            values = self.per_token(acts[:, self.P - start:], g)
+            ce_terms = self._ragged_ce(resid, o, start - self.P + 1, need.expand(hi - lo, -1) & self._predictable(start))
+            if start > 0 and self.P > 0:   # j = 0 predicted by the constant prefix
+                ce_terms[:, 0] = -self._prefix_logprobs[o[:, 0]]
+            return self._finish(values, ce_terms, g)
 
-        return self._batched(opt.shape[0], self.T, run)
+        return self._batched(opt.shape[0], self.T - start, run)
+
+    def _predictable(self, start: int) -> torch.Tensor:
+        """[1, n] bool: optimized j whose predicting position P + j − 1 is ≥ ``start`` (in the run)."""
+        j = torch.arange(self.n, device=self.device)
+        return ((self.P + j - 1) >= start)[None, :]
 
     @torch.no_grad()
-    def evaluate_children(self, children: torch.Tensor, slot: torch.Tensor, first: np.ndarray, parents: ParentState) -> EvalOut:
+    def evaluate_children(self, children: torch.Tensor, slot: torch.Tensor, first: np.ndarray, parents: ParentState,
+                          group: np.ndarray | None = None) -> EvalOut:
         """f and CE of children; cached path when ``prefix_cache`` (else :meth:`evaluate`).
 
         Args:
@@ -305,65 +369,66 @@ class PromptEvaluator:
             first: [C] host ints, first optimized position where the child may differ from its
                 parent (positions before it must equal the parent's).
             parents: the population's :class:`ParentState`.
+            group: [C] host ints, objective index of each child (None with one objective).
         Returns:
             :class:`EvalOut` in the children's order.
         """
+        group = self._groups(group, children.shape[0])
         if not self.prefix_cache or parents.kv is None:
-            return self.evaluate(children)
-        C = children.shape[0]
-        first = np.minimum(np.asarray(first), self.n - 1)
-        order = np.argsort(first, kind="stable")
-        groups = self._groups(first[order])
+            return self.evaluate(children, group)
+        C, n, K = children.shape[0], self.n, self.kv_buckets
+        first = np.minimum(np.asarray(first), n - 1)
+        bucket = (first * K) // n
+        order = np.argsort(bucket, kind="stable")
         outs: list[EvalOut] = []
-        for lo, hi in groups:
-            idx_np = order[lo:hi]
-            p = int(first[idx_np].min())
-            idx = torch.as_tensor(idx_np, device=self.device)
-            outs.append(self._eval_group(children[idx], slot[idx], p, parents))
+        for b in range(K):
+            sel = order[bucket[order] == b]
+            if sel.size == 0:
+                continue
+            p0 = -(-b * n // K)                                                # ⌈b·n/K⌉
+            idx = torch.as_tensor(sel, device=self.device)
+            outs.append(self._eval_bucket(children[idx], slot[idx], p0, torch.as_tensor(first[sel], device=self.device), parents, group[sel]))
         res = EvalOut.cat(outs)
         inv = torch.empty(C, dtype=torch.long, device=self.device)
         inv[torch.as_tensor(order, device=self.device)] = torch.arange(C, device=self.device)
         return res.index(inv)
 
-    def _groups(self, sorted_first: np.ndarray) -> list[tuple[int, int]]:
-        C = len(sorted_first)
-        if self.kv_groups:
-            bounds = sorted(set(int(round(i * C / self.kv_groups)) for i in range(self.kv_groups + 1)))
-            return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        cuts = np.flatnonzero(np.diff(sorted_first)) + 1
-        bounds = [0, *cuts.tolist(), C]
-        return list(zip(bounds[:-1], bounds[1:]))
-
-    def _eval_group(self, kids: torch.Tensor, slot: torch.Tensor, p: int, parents: ParentState) -> EvalOut:
-        start = self.P + p
+    def _eval_bucket(self, kids: torch.Tensor, slot: torch.Tensor, p0: int, first: torch.Tensor, parents: ParentState,
+                     group: np.ndarray) -> EvalOut:
+        start = self.P + p0
         full = self.full(kids)
+        j = torch.arange(self.n, device=self.device)
 
         def run(lo: int, hi: int) -> EvalOut:
-            o, s = kids[lo:hi], slot[lo:hi]
+            o, s, f = kids[lo:hi], slot[lo:hi], first[lo:hi]
             past = [(k[s, :start], v[s, :start]) for k, v in parents.kv] if start > 0 else None
             acts, resid, _ = self._run(full[lo:hi, start:], start, past)
-            vals_tail, ce_tail, _, j_lo = self._tail_outputs(o, start, acts, resid)
-            values = torch.cat([parents.values[s, :p], vals_tail], dim=1)
-            ce_terms = torch.empty(hi - lo, self.n, device=self.device)
-            ce_terms[:, :p] = parents.ce_terms[s, :p]
-            ce_terms[:, p] = -parents.logprobs[s, p].gather(-1, o[:, p:p + 1]).squeeze(-1)
-            if ce_tail is not None:
-                ce_terms[:, j_lo:] = ce_tail
-            return self._finish(values, ce_terms)
+            vals_tail = self.per_token(acts[:, max(self.P - start, 0):], group[lo:hi])
+            values = torch.cat([parents.values[s, :p0], vals_tail], dim=1)
+            need = (j[None, :] > f[:, None]) & self._predictable(start)
+            ce_terms = self._ragged_ce(resid, o, start - self.P + 1, need)
+            before = j[None, :] < f[:, None]
+            ce_terms = torch.where(before, parents.ce_terms[s], ce_terms)
+            at = parents.logprobs[s, f].gather(-1, o.gather(1, f[:, None])).squeeze(-1)   # t_p given the parent's (= child's) prefix
+            ce_terms[torch.arange(hi - lo, device=self.device), f] = -at
+            return self._finish(values, ce_terms, group[lo:hi])
 
         return self._batched(kids.shape[0], self.T - start, run)
 
-    def gradients(self, opt: torch.Tensor, lambdas: torch.Tensor) -> tuple[torch.Tensor, EvalOut, ParentState]:
-        """Token gradients of L_λ(t) = f(t) − λ·CE(t) w.r.t. the one-hot prompt (paper §2, step 2a).
+    def gradients(self, opt: torch.Tensor, lambdas: torch.Tensor, group: np.ndarray | None = None) -> tuple[torch.Tensor, EvalOut, ParentState]:
+        """Token gradients of L_λ(t) = f(t)/s − λ·CE(t) w.r.t. the one-hot prompt (paper §2, step 2a;
+        s = the row's objective scale, 1 by default).
 
         Args:
             opt: [S, n] int64 prompts; lambdas: [S] float λ of each row.
+            group: [S] host ints, objective index of each row (None with one objective).
         Returns:
-            ``(grad [S, n, V] float32, EvalOut, ParentState of these rows)``; keys/values are
-            recorded (detached) when ``prefix_cache``.
+            ``(grad [S, n, V] float32, EvalOut, ParentState of these rows)``; f in EvalOut is
+            unscaled; keys/values are recorded (detached) when ``prefix_cache``.
         """
         opt = opt.to(self.device)
         S, n = opt.shape
+        group = self._groups(group, S)
         onehot = torch.nn.functional.one_hot(opt, self.V).float().requires_grad_(True)
         cached = self.prefix_cache
         start = self.P if cached else 0
@@ -373,18 +438,22 @@ class PromptEvaluator:
                 acts, resid, kv = self._run(self.full(opt)[:, start:], start, past, record_kv=True, onehot=onehot)
             else:
                 acts, resid, kv = self._run(self.full(opt), 0, None, onehot=onehot)
-            values, ce_tail, lp_tail, j_lo = self._tail_outputs(opt, start, acts, resid, onehot=onehot, want_logprobs=True)
+            values = self.per_token(acts[:, self.P - start:], group)
+            j_lo = max(start - self.P + 1, 0)          # first j predicted inside this run
             parts, lps = [], []
             if j_lo > 0:   # j = 0 predicted by the (constant) prefix: linear in the one-hot
                 parts.append(-(onehot[:, 0] * self._prefix_logprobs).sum(-1, keepdim=True))
                 lps.append(self._prefix_logprobs.expand(S, 1, -1))
-            if ce_tail is not None:
-                parts.append(ce_tail)
-                lps.append(lp_tail)
+            if j_lo < n:
+                i0 = self.P + j_lo - 1 - start
+                lp = torch.log_softmax(self._logits(resid[:, i0:i0 + n - j_lo]), dim=-1)
+                parts.append(-(onehot[:, j_lo:] * lp).sum(-1))
+                lps.append(lp)
             ce_terms = torch.cat(parts, dim=1) * self.scored
-            act = self.objective.reduce_tokens(values, slice(0, n)).float()
+            act = self.reduce(values, group)
             ce = ce_terms.sum(-1) / self.n_scored
-            loss = (act - lambdas.to(act.dtype) * ce).sum()
+            scale = self.scales[torch.as_tensor(group, device=self.device)]
+            loss = (act / scale - lambdas.to(act.dtype) * ce).sum()
             (grad,) = torch.autograd.grad(loss, onehot)
         out = EvalOut(act.detach(), ce.detach(), values.detach(), ce_terms.detach())
         logprobs = torch.cat(lps, dim=1).detach()
@@ -393,14 +462,17 @@ class PromptEvaluator:
         return grad, out, state
 
     @torch.no_grad()
-    def details(self, opt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def details(self, opt: torch.Tensor, group: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token objective over the optimized positions [B, n] and each latent's value at the
-        read position [B, L] (last token, or the argmax optimized position for reduce='max')."""
+        read position [B, L] (last token, or the argmax optimized position for reduce='max');
+        all rows must belong to one objective (the first row's group)."""
         opt = opt.to(self.device)
+        group = self._groups(group, opt.shape[0])
+        obj = self.objectives[int(group[0])] if len(group) else self.objective
         acts, _, _ = self._run(self.full(opt), 0, None)
-        lat = self.objective.latent_values(acts[:, self.P:]).float()          # [B, n+Q, L]
-        per = self.objective.per_token(acts[:, self.P:]).float()              # [B, n+Q]
-        if self.objective.reduce == "max":
+        lat = obj.latent_values(acts[:, self.P:]).float()          # [B, n+Q, L]
+        per = obj.per_token(acts[:, self.P:]).float()              # [B, n+Q]
+        if obj.reduce == "max":
             pos = per[:, : self.n].argmax(-1)
         else:
             pos = torch.full((opt.shape[0],), per.shape[1] - 1, device=self.device, dtype=torch.long)

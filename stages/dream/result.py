@@ -44,7 +44,10 @@ class DreamPrompt:
         token_ids: optimized tokens only (no BOS / prefix / suffix).
         tokens: each id decoded alone; text: the ids decoded together.
         activation: objective f(t) (units of the read quantity).
-        ce: mean next-token cross-entropy over the optimized tokens, nats/token.
+        ce: mean next-token cross-entropy over the optimized tokens, nats/token (the first
+            token scored given BOS/prefix).
+        ce_rest: the same mean without the first optimized token (the reference code's
+            convention: a window cut from a document pays for its cut only in the first term).
         lam: λ of the population slot whose member proposed it (NULL-able).
         iteration: iteration at which it was first evaluated (0 = initial population).
         seed: EPO seed of the run that found it.
@@ -62,6 +65,7 @@ class DreamPrompt:
     lam: float | None
     iteration: int
     seed: int
+    ce_rest: float | None = None
     token_acts: list[float] = field(default_factory=list)
     latent_acts: list[float] = field(default_factory=list)
 
@@ -111,6 +115,10 @@ class DreamResult:
         n_iterations / n_candidates / wall_s: iterations run, prompts evaluated, seconds.
         timing: seconds spent in 'gradient', 'proposal', 'evaluation', 'selection'.
         stop_reason: 'iterations' | 'time_budget' | 'early_stop'.
+        objective_scale: what EPO divided f by ('z', 'dataset_max', 'raw') and ``scale`` its value
+            (in the objective's units); the frontier's values are unscaled.
+        batch_jobs: how many (target, seed) populations shared this run's batched search;
+            ``wall_s`` and ``timing`` are this job's share (batch time / batch_jobs).
     """
 
     target_id: str
@@ -130,6 +138,9 @@ class DreamResult:
     wall_s: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)
     stop_reason: str = "iterations"
+    objective_scale: str = "raw"
+    scale: float = 1.0
+    batch_jobs: int = 1
 
     @property
     def best(self) -> DreamPrompt:
