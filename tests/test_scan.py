@@ -81,7 +81,9 @@ def test_topk_equals_brute_force_on_demo_corpus(demo_cfg, subject, shared, tmp_p
         assert len({(tuple(c.payload["token_ids"]), c.payload["max_pos"]) for c in got}) == len(got)
         for c in got:  # payload: shown tokens around the max, window of dream length ending at it
             assert c.payload["token_ids"][c.payload["max_pos"]] == contexts[c.context_idx].ids[c.pos]
-            assert c.payload["window_ids"] == contexts[c.context_idx].ids[max(1, c.pos - 11) : c.pos + 1]
+            full = c.pos - 11 >= 1  # a window is exactly the dream's 12 tokens, or none (never a shorter one)
+            assert c.payload["window_ids"] == (contexts[c.context_idx].ids[c.pos - 11 : c.pos + 1] if full else [])
+            assert list(c.payload["context_ids"]) == contexts[c.context_idx].ids
     assert n_dups >= 3, "the repeated stories give identical windows, so dedup is exercised"
     assert np.abs(state.n_firing - n_firing).max() <= 1  # density: post-activation > 0
 
@@ -166,3 +168,102 @@ def test_hub_corpus_offline_fails_fast(demo_cfg, subject):
     with Store(cfg.project.path) as store, pytest.raises(OfflineError, match="scan.corpus.path"):
         run_scan(cfg, subject, store, [Target([5])], progress=False)
     assert time.perf_counter() - t0 < 30
+
+
+# ----------------------------------------------------------------------------- matched windows, searched (issue 17 §2, §4)
+
+
+def test_context_windows_and_search_match_windows_fed_alone(subject, heldout_texts, one_torch_thread):
+    from stages.scan.search import context_windows, evaluate_matched, pareto_mask, search_contexts
+    from stages.scan.stage import single_objective
+    from pipeline.config import load_config
+
+    w, end = context_windows([1, 10, 11, 12, 13, 14], 3, 1)
+    assert w.tolist() == [[10, 11, 12], [11, 12, 13], [12, 13, 14]] and end.tolist() == [3, 4, 5]
+    assert context_windows([1, 10, 11], 3, 1)[0].shape == (0, 3)  # too short: no window, never a shorter one
+
+    cfg = load_config(REPO / "configs" / "demo.toml")
+    obj = single_objective(subject, cfg, 9)
+    ids = subject.with_bos(subject.encode(heldout_texts[0])[:40])
+    ws, n_short = search_contexts(subject, [ids, ids[:8], ids], [obj], 12, 1)
+    m = len(ids) - 1 - 12 + 1
+    assert n_short == 1 and len(ws) == m  # the short context is skipped and counted; the repeated one adds nothing
+    assert ws.windows.shape[1] == 12 and (ws.source == 0).all() and ws.end_pos.tolist() == list(range(12, len(ids)))
+    # each window fed alone, one at a time: the same CE (both ways) and activation as the batched search
+    for k in (0, m // 2, m - 1):
+        ce, rest, vals = evaluate_matched(subject, [ids[1 + k : 13 + k]], [obj])
+        assert ce[0] == pytest.approx(ws.ce[k], abs=1e-4) and rest[0] == pytest.approx(ws.ce_rest[k], abs=1e-4)
+        assert vals[obj.key][0] == pytest.approx(ws.values[obj.key][k], abs=1e-4)
+    # CE without the first token is the mean of the last 11 of the 12 per-token terms
+    assert np.all(np.abs(ws.ce * 12 - ws.ce_rest * 11) < 30)
+    f = pareto_mask(ws.values[obj.key], ws.ce)
+    act, ce = ws.values[obj.key], ws.ce
+    for i in np.flatnonzero(f):  # nothing dominates a frontier window
+        assert not np.any((act > act[i]) & (ce <= ce[i]))
+
+
+def test_scan_windows_always_have_the_dream_length(demo_cfg, subject, shared, tmp_path, one_torch_thread):
+    """Every stored window compared with a dream has exactly dream.n_tokens tokens; short contexts are skipped and counted."""
+    import json
+
+    lines = (shared / "corpora" / "tinystories-train.jsonl").read_text().splitlines()[:12]
+    short = [json.dumps({"text": t}) for t in ("The dog ran.", "Tom was sad.", "Sue saw a big red ball and she")]
+    (tmp_path / "c.jsonl").write_text("\n".join(short + lines[:6] + short + lines[6:]) + "\n")
+    # top_k above the number of contexts: every context is a top context, the short ones included
+    cfg = _small(demo_cfg, **{"scan.max_tokens": 3000, "scan.top_k": 64, "dream.n_tokens": 10, "scan.window_search_top": 64})
+    cfg.scan.corpus.path = str(tmp_path / "c.jsonl")
+    combo = Target([5, 9], combine="lp")
+    with Store(cfg.project.path) as store:
+        sid = run_scan(cfg, subject, store, [Target([5]), Target([9]), combo], progress=False)
+        tops = store.fetch("SELECT latent, window_ids, window_ce, window_ce_rest, window_act, max_pos, start FROM scan_examples "
+                           "WHERE scan_id = ? AND kind = 'top'", [sid])
+        assert tops and {len(r["window_ids"]) for r in tops} <= {0, 10}
+        assert any(len(r["window_ids"]) == 0 for r in tops), "the short stories supply top contexts too short for a window"
+        for r in tops:
+            assert (r["window_ce"] is None) == (len(r["window_ids"]) == 0) and (r["window_ce_rest"] is None) == (r["window_ce"] is None)
+        wins = store.fetch("SELECT objective_key, window_ids, window_ce, window_ce_rest, window_act, frontier_all, frontier_rest, latent_acts "
+                           "FROM scan_windows WHERE scan_id = ?", [sid])
+        assert wins and all(len(w["window_ids"]) == 10 for w in wins)
+        assert {w["objective_key"] for w in wins} == {"pre:last:5", "pre:last:9", "lp(p=0.1,offset=1.0):pre:last:5+9"}
+        assert all(len(w["latent_acts"]) == 2 for w in wins if "+" in w["objective_key"])
+        assert all(len(r["window_ids"]) == 10 for r in store.fetch("SELECT window_ids FROM scan_objective_examples WHERE scan_id = ?", [sid]))
+        lat = {r["latent"]: r for r in store.fetch("SELECT * FROM scan_latents WHERE scan_id = ?", [sid])}
+        for L in (5, 9):
+            assert lat[L]["n_short_contexts"] >= 3 and lat[L]["n_contexts_searched"] == len([r for r in tops if r["latent"] == L])
+            best = max(w["window_act"] for w in wins if w["objective_key"] == f"pre:last:{L}")
+            assert lat[L]["window_max"] == pytest.approx(best)
+            # the searched best is at least the best window ending at a max token
+            assert best >= max(r["window_act"] for r in tops if r["latent"] == L and r["window_act"] is not None) - 1e-9
+        s = store.fetch_one("SELECT * FROM scans WHERE scan_id = ?", [sid])
+        assert s["window_len"] == 10 and s["ce_p10"] < s["ce_p50"] < s["in_dist_threshold"]
+        assert s["ce_rest_p10"] < s["ce_rest_p50"] < s["ce_rest_in_dist_threshold"]
+
+
+def test_percentile_ce_bands_from_a_synthetic_corpus(demo_cfg, subject, tmp_path, one_torch_thread):
+    """CE bands come from the corpus: a corpus of 1 fluent story in 5 (low CE) and gibberish (high CE) puts the 10th
+    percentile among the fluent windows and the median among the gibberish ones."""
+    import json
+
+    from stages.scan.search import ce_bands
+
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, np.nan])
+    b = ce_bands(x)
+    assert b["n"] == 10 and b["p10"] == pytest.approx(1.9) and b["p50"] == pytest.approx(5.5) and b["mean"] == pytest.approx(5.5)
+    assert b["in_dist"] == pytest.approx(5.5 + 2 * np.std(x[:10], ddof=1))
+    assert ce_bands(np.array([]))["p10"] is None
+
+    rng = np.random.default_rng(0)
+    words = [subject.tokenizer.decode([int(i)]) for i in rng.integers(300, 2000, 4000)]
+    story = "Once upon a time, there was a little girl named Lily. She loved to play with her dog in the park every day."
+    docs = [story if d % 5 == 0 else "".join(words[40 * d : 40 * d + 40]) for d in range(60)]
+    (tmp_path / "synth.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs) + "\n")
+    cfg = _small(demo_cfg, **{"scan.max_tokens": 100000, "scan.window_ce_samples": 1000, "scan.top_k": 4, "scan.window_search_top": 2})
+    cfg.scan.corpus.path = str(tmp_path / "synth.jsonl")
+    with Store(cfg.project.path) as store:
+        sid = run_scan(cfg, subject, store, [Target([5])], progress=False)
+        s = store.fetch_one("SELECT * FROM scans WHERE scan_id = ?", [sid])
+    from stages.scan.search import evaluate_matched
+
+    fluent, _, _ = evaluate_matched(subject, [subject.encode(story)[:12]], [])
+    assert s["ce_p10"] < 6.0 and fluent[0] < 6.0 < s["ce_p50"]  # 10th percentile: a fluent window; median: gibberish
+    assert s["ce_p50"] > s["ce_mean"] - s["ce_std"] and s["ce_rest_p10"] < s["ce_p10"]
