@@ -212,8 +212,6 @@ def nightly(
     typer.echo("")
     for line in skipped_lines(s.skipped_units):
         typer.echo(line)
-    if s.report_reused:
-        typer.echo("report: inputs unchanged since the last rendering, not rendered again")
     total = f" ({s.total_wall_s:.1f} s over all sessions)" if s.total_wall_s > s.wall_s + 0.05 else ""
     typer.echo(f"run {s.run_id}: {s.done} units done, {s.failed} failed, {s.skipped} skipped in {s.wall_s:.1f} s{total}")
     if s.frac_beats is not None:
@@ -235,7 +233,7 @@ def skipped_lines(skipped: dict[str, list[str]], max_ids: int = 8) -> list[str]:
     out = []
     for stage, ids in skipped.items():
         if ids == ["*"]:
-            out.append(f"skipped {stage}: already done")
+            out.append(f"skipped {stage}: already done" + (", inputs unchanged (not rendered again)" if stage == "report" else ""))
             continue
         names = [i for i in ids if i != "*"]
         shown = ", ".join(names[:max_ids]) + (f", … {len(names) - max_ids} more" if len(names) > max_ids else "")

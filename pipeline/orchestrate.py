@@ -405,9 +405,9 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
 
 def report_key(cfg: ReverieConfig, store: Store, run_id: str) -> str:
     """Key of a run's report inputs: every non-report unit of the run (target, stage, status,
-    end time), the run's status, the configuration and the code version. Equal keys mean the
-    report would be rendered from the same rows by the same code (only the run's wall time on
-    the index may be older), so a resume keeps the existing report.
+    end time of units that wrote rows), the run's status, the configuration and the code
+    version. Equal keys mean the report would be rendered from the same rows by the same code
+    (only the run's wall time on the index may be older), so a resume keeps the existing report.
 
     Returns:
         'sha256:' + 16 hex characters.
@@ -416,8 +416,9 @@ def report_key(cfg: ReverieConfig, store: Store, run_id: str) -> str:
 
     from pipeline.store import code_version
 
-    units = store.fetch("SELECT target_id, stage, status, CAST(ended_at AS VARCHAR) AS ended FROM units "
-                        "WHERE run_id = ? AND stage <> 'report' ORDER BY stage, target_id", [run_id])
+    # a 'skipped' unit (explain without an API key) is re-recorded each session without new rows: its time does not count
+    units = store.fetch("SELECT target_id, stage, status, CASE WHEN status = 'skipped' THEN NULL ELSE CAST(ended_at AS VARCHAR) END AS ended "
+                        "FROM units WHERE run_id = ? AND stage <> 'report' ORDER BY stage, target_id", [run_id])
     run = store.fetch_one("SELECT status FROM runs WHERE run_id = ?", [run_id])
     blob = json.dumps({"units": units, "status": run["status"] if run else None, "config": cfg.fingerprint(),
                        "code": code_version()}, sort_keys=True, default=str)

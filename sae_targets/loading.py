@@ -9,6 +9,7 @@ they fail within seconds with an error that names the fix.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import tempfile
@@ -25,6 +26,8 @@ from pipeline.hub import check_hub_reachable, hub_offline, offline_error
 from pipeline.paths import expand
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# not under 'reverie.': the CLI's terminal shows only warnings from here; the run's log file gets everything
+log = logging.getLogger("sae_targets.loading")
 
 
 @dataclass
@@ -147,6 +150,19 @@ def load_tokenizer(model_dir: Path, no_prefix_space: bool = False) -> Any:
     return tok
 
 
+def _quietly(fn: Any) -> Any:
+    """Call ``fn`` with transformers' progress bars ("Loading weights") switched off."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return fn()
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _neutral_dir(model_dir: Path) -> Path:
     """transformer_lens treats a path containing 'llama'/'gemma' specially and skips its
     config.json; give it a symlink with a neutral name instead."""
@@ -199,7 +215,7 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, An
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+            hf_model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True))
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot read the model weights in {model_dir}: {type(e).__name__}: {e}. The weight file may be corrupt or truncated; restore it.") from None
     neutral = _neutral_dir(model_dir)
@@ -212,7 +228,8 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, An
             model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"transformer_lens cannot build a HookedTransformer from {model_dir}: {type(e).__name__}: {e}") from None
-    model.to(cfg.device)
+    model.to(cfg.device, print_details=False)  # transformer_lens prints "Moving model to device" otherwise
+    log.info("model %s loaded on %s (%s)", model_dir, cfg.device, cfg.dtype)
     model.eval()
     model.requires_grad_(False)
     return model, tok, str(model_dir)
