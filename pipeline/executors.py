@@ -168,8 +168,8 @@ class RayExecutor:
 
 
 def make_executor(cfg: ReverieConfig, subject: Any, dataset_max: dict[int, float] | None = None):
-    """The executor named by ``run.executor``; ``dataset_max`` (latent → the scan's max) serves
-    ``dream.objective_scale = 'dataset_max'``."""
+    """The executor named by ``run.executor``; ``dataset_max`` (latent → the scan's best window
+    fed alone) serves ``dream.objective_scale = 'dataset_max'`` and picks the attributed dreams."""
     if cfg.run.executor == "ray":
         return RayExecutor(cfg, dataset_max)
     return LocalExecutor(cfg, subject, dataset_max)

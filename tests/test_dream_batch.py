@@ -121,3 +121,16 @@ def test_dream_targets_batches_and_reports_post(subject, latents, tmp_path):
     got = ev.evaluate(torch.tensor([p.token_ids for p in r.frontier])).act
     assert torch.allclose(got, torch.tensor([p.activation for p in r.frontier]), atol=1e-5)
     assert all(p.ce_rest is not None for p in r.frontier)
+
+
+def test_attribution_prompts_prefer_fluent_winner():
+    from stages.dream.result import DreamPrompt
+    from stages.dream.stage import attribution_prompts
+
+    def p(i, a, c):
+        return DreamPrompt(token_ids=[i], tokens=[str(i)], text=str(i), activation=a, ce=c, lam=None, iteration=0, seed=0)
+
+    fr = [p(1, 9.0, 12.0), p(2, 6.0, 7.0), p(3, 5.0, 4.0), p(4, 2.0, 2.0)]
+    assert [x.token_ids[0] for x in attribution_prompts(fr, 3, data_max=4.5)] == [3, 1, 2]
+    assert [x.token_ids[0] for x in attribution_prompts(fr, 2, data_max=20.0)] == [1, 2]   # none beats: top activation first
+    assert attribution_prompts(fr, 0, 1.0) == []

@@ -111,7 +111,8 @@ def dream_targets(cfg: ReverieConfig, subject: Subject, targets: Sequence[Target
             if reported[ti].quantity != optimized[ti].quantity:
                 r = _report_as(subject, reported[ti], cfg.dream, r)
             r.target_id = targets[ti].target_id
-            _attribute(cfg, subject, reported[ti], r)
+            dmax = (dataset_max or {}).get(targets[ti].latents[0]) if not targets[ti].is_combination else None
+            _attribute(cfg, subject, reported[ti], r, dmax)
             out[ti].append(r)
     return out
 
@@ -145,10 +146,29 @@ def _report_as(subject: Subject, objective: Objective, ecfg, r: DreamResult) -> 
     return r
 
 
-def _attribute(cfg: ReverieConfig, subject: Subject, objective: Objective, result: DreamResult) -> None:
-    if cfg.dream.attribution_prompts > 0 and result.frontier:
+def attribution_prompts(frontier: Sequence, n: int, data_max: float | None = None) -> list:
+    """Which frontier prompts get token attribution (paper Fig. 1 shows fluent prompts, not the
+    gibberish at the top of the activation axis): first the most fluent (lowest CE) prompt whose
+    activation beats ``data_max`` (the dataset's best window fed alone), then the
+    highest-activation prompt (the one that comes closest when none beats it), then further
+    beating prompts by CE, then the rest by activation; at most ``n``."""
+    if n <= 0 or not frontier:
+        return []
+    winners = sorted((p for p in frontier if data_max is not None and p.activation > data_max), key=lambda p: p.ce)
+    order = winners[:1] + [max(frontier, key=lambda p: p.activation)] + winners[1:] + sorted(frontier, key=lambda p: -p.activation)
+    out, seen = [], set()
+    for p in order:
+        if tuple(p.token_ids) not in seen:
+            seen.add(tuple(p.token_ids))
+            out.append(p)
+    return out[:n]
+
+
+def _attribute(cfg: ReverieConfig, subject: Subject, objective: Objective, result: DreamResult, data_max: float | None = None) -> None:
+    chosen = attribution_prompts(result.frontier, cfg.dream.attribution_prompts, data_max)
+    if chosen:
         ev = PromptEvaluator(subject, objective, cfg.dream)
-        for p in result.frontier[: cfg.dream.attribution_prompts]:
+        for p in chosen:
             result.attributions[tuple(p.token_ids)] = token_attribution(ev, p.token_ids, cfg.dream.attribution_topk)
 
 
