@@ -76,6 +76,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from pipeline.signals import as_interrupted, handle_signals
 
+        setup_logging(level=logging.WARNING)
         try:
             with handle_signals():
                 return fn(*args, **kwargs)
@@ -113,21 +114,35 @@ class _TerminalFormatter(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Terminal logging for long commands: one stderr handler with :class:`_TerminalFilter`
-    (``verbose``: reverie's DEBUG lines too). The root logger's level is INFO (DEBUG if verbose)
-    so a run's log file (attached by the nightly) receives every record."""
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of each record."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+
+def setup_logging(verbose: bool = False, level: int = logging.INFO) -> None:
+    """Terminal logging: one stderr handler with :class:`_TerminalFilter` at ``level`` (every
+    command starts with WARNING; long commands call this again with INFO; ``verbose``: DEBUG).
+    The root logger's level is at most INFO so a run's log file (attached by the nightly)
+    receives every INFO record."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_reverie_terminal", False):
             root.removeHandler(h)
-    h = logging.StreamHandler(sys.stderr)
+    h = _StderrHandler()
     h._reverie_terminal = True  # type: ignore[attr-defined]
-    h.setLevel(logging.DEBUG if verbose else logging.INFO)
+    h.setLevel(logging.DEBUG if verbose else level)
     h.addFilter(_TerminalFilter())
     h.setFormatter(_TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(h)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    want = logging.DEBUG if verbose else logging.INFO
+    if root.level == logging.NOTSET or root.level > want:
+        root.setLevel(want)
 
 
 @config_app.command("show")

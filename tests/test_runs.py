@@ -215,6 +215,12 @@ def test_signal_interrupts_then_a_rerun_resumes(signum, code, tmp_path):
         again = run_nightly(cfg, run_id)
         assert again.report_reused and again.done == 0 and again.index_html == s.index_html
         assert set(again.skipped_units) >= {"targets", "scan", "dream", "compare", "report"}
+        # `reverie report` without --run renders the latest run that has dreams, not a newer run without any
+        args = ["--config", str(DEMO_CONFIG), "--project-dir", str(project)]
+        assert runner.invoke(app, ["targets", *args, "--n", "1", "--record"]).exit_code == 0
+        r = runner.invoke(app, ["report", *args, "--out", str(tmp_path / "rep")])
+        assert r.exit_code == 0, r.output
+        assert run_id in (tmp_path / "rep" / "index.html").read_text()
     row = _run_row(project, run_id)
     assert row["status"] == "done" and row["error"] is None
     assert row["wall_s"] > first_wall  # wall time adds up over sessions
