@@ -67,18 +67,28 @@ def build_config(config: Optional[Path], sets: list[str] | None, **flags: Any) -
     return cfg
 
 
+def safe_points(fn: Callable) -> Callable:
+    """Mark a command that checks :func:`pipeline.signals.check_interrupt` at its own safe points
+    (the nightly: between units and EPO iterations), so a first signal only sets the stop flag.
+    Other commands stop at once on a signal (their writes are transactional)."""
+    fn._reverie_safe_points = True  # type: ignore[attr-defined]
+    return fn
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Run a command with the SIGINT/SIGTERM handlers installed (:func:`pipeline.signals.handle_signals`);
-    turn a ReverieError into a one-line message and exit code 2, and an interruption into one
-    line and exit code 130 (SIGINT) / 143 (SIGTERM)."""
+    """Run a command with the SIGINT/SIGTERM handlers installed (:func:`pipeline.signals.handle_signals`;
+    interruptible at once unless marked with :func:`safe_points`); turn a ReverieError into a
+    one-line message and exit code 2, and an interruption into one line and exit code 130
+    (SIGINT) / 143 (SIGTERM)."""
+    own_safe_points = getattr(fn, "_reverie_safe_points", False)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.signals import as_interrupted, handle_signals
+        from pipeline.signals import as_interrupted, handle_signals, interruptible
 
         setup_logging(level=logging.WARNING)
         try:
-            with handle_signals():
+            with handle_signals(), (contextlib.nullcontext() if own_safe_points else interruptible()):
                 return fn(*args, **kwargs)
         except ReverieError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -200,6 +210,7 @@ def targets(
 
 @app.command()
 @handle_errors
+@safe_points
 def nightly(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
