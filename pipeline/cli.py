@@ -325,12 +325,15 @@ def explain(
 
     typer.echo(f"run {summary.run_id}   scan {summary.scan_id}   model {summary.model}")
     typer.echo(f"{'target':>10}  {'source':<8} {'dataset BA (base)':>17} {'dreams BA (base)':>17}  explanation")
+    from sae_targets.tokens import display_text
+
     for r in rows:
-        text = r["text"] if len(r["text"]) <= 90 else r["text"][:89] + "…"
+        text = display_text(r["text"])  # LLM output is untrusted: no raw control characters on the terminal
+        text = text if len(text) <= 90 else text[:89] + "…"
         typer.echo(f"{r['target_id']:>10}  {r['source']:<8} {ba(r['dataset_ba'], r['dataset_ba_baseline']):>17} "
                    f"{ba(r['dreams_ba'], r['dreams_ba_baseline']):>17}  {text}")
     for f in failures[:10]:
-        typer.echo(f"failure  {f['target_id']:>10}  {f['what']}: {f['why'][:160]}")
+        typer.echo(f"failure  {f['target_id']:>10}  {f['what']}: {display_text(f['why'][:160])}")
     if len(failures) > 10:
         typer.echo(f"... {len(failures) - 10} more failures in table explain_failures")
     typer.echo(summary.message)
