@@ -175,7 +175,7 @@ class ScanConfig(Section):
     checkpoint_every: int = Field(20, ge=1, description="Batches between resumable checkpoints.")
     all_latents: bool = Field(False, description="Scan all d_sae latents instead of only the targets.")
     random_prompt_examples: int = Field(20, ge=0, description="Random baseline prompts stored per latent as kind='random_prompt' examples (negatives when scoring explanations on dreams).")
-    window_search_top: int = Field(64, ge=0, description="Top contexts per latent whose every full-length (dream-length) window is evaluated alone after BOS; the Pareto frontier of those windows is the dataset side of the comparison (0 = none searched).")
+    window_search_top: int = Field(64, ge=0, description="Top contexts per latent (by in-context max) whose every full-length (dream-length) window is evaluated alone after BOS; the Pareto frontier of those windows is the dataset side of the comparison (0 = none searched). May exceed top_k (more contexts are kept in the pass than shown; cost grows linearly); benchmarks/window_search.py measures how close it comes to an exhaustive pass.")
 
 
 class CompareConfig(Section):

@@ -296,7 +296,7 @@ class TargetData:
     hook_name: str
     units: list[UnitInfo] = field(default_factory=list)
     dream_runs: list[DreamRun] = field(default_factory=list)
-    prompts: list[DreamPrompt] = field(default_factory=list)  # all seeds, activation desc
+    prompts: list[DreamPrompt] = field(default_factory=list)  # all seeds; order_dreams: winners by CE, then the rest by CE
     history: list[HistoryPoint] = field(default_factory=list)
     comparison: Comparison | None = None
     scan: ScanInfo | None = None

@@ -28,7 +28,7 @@ LATENTS = [5, 9, 100]  # 9 is dense (~12% of tokens): many candidates and repeat
 
 
 def _small(cfg, **kw):
-    base = {"scan.max_tokens": 6000, "scan.batch_size": 4, "scan.top_k": 12, "scan.window_ce_samples": 64,
+    base = {"scan.max_tokens": 6000, "scan.batch_size": 4, "scan.top_k": 12, "scan.window_search_top": 12, "scan.window_ce_samples": 64,
             "scan.baseline_prompts": 64, "scan.random_prompt_examples": 4, "scan.checkpoint_every": 2,
             "targets.combinations": []}
     base.update(kw)

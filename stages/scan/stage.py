@@ -309,7 +309,7 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
     """
     s = cfg.scan
     if state is None:
-        state = ScanState(latents=list(latents), top_k=s.top_k, hist_bins=s.hist_bins, quantile_samples=s.quantile_samples,
+        state = ScanState(latents=list(latents), top_k=max(s.top_k, s.window_search_top), hist_bins=s.hist_bins, quantile_samples=s.quantile_samples,
                           random_samples=s.random_samples, window_samples=s.window_ce_samples)
     body0 = _body0(subject)
     pad = subject.tokenizer.pad_token_id or 0
@@ -544,8 +544,8 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
     decode = _Decoder(subject)
     latent_rows, example_rows, w_rows, tops, contexts = [], [], [], {}, {}
     for j, lat in enumerate(state.latents):
-        cands = state.topk.result(j)
-        top = [c.payload for c in cands]
+        cands = state.topk.result(j)  # max(top_k, window_search_top) contexts; the first top_k are stored as examples
+        top = [c.payload for c in cands[: cfg.scan.top_k]]
         obj = single_objective(subject, cfg, lat)
         full = [r for r, e in enumerate(top) if len(e["window_ids"]) == n]
         ce, ce_rest, vals = evaluate_matched(subject, [top[r]["window_ids"] for r in full], [obj])
@@ -555,7 +555,7 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
             wc, wr, wa = win.get(r, (None, None, None))
             example_rows.append(_example_row(scan_id, lat, "top", r, e, decode, context_idx=c.context_idx,
                                              window_ce=wc, window_act=wa, window_ce_rest=wr))
-        searched = [(r, c.context_idx, top[r]["context_ids"]) for r, c in enumerate(cands[:S])]
+        searched = [(r, c.context_idx, c.payload["context_ids"]) for r, c in enumerate(cands[:S])]
         contexts[lat] = searched
         ws, n_short = search_contexts(subject, [ids for _, _, ids in searched], [obj], n, body0)
         w_rows += window_rows(subject, scan_id, obj, ws, [(lat, r, ci) for r, ci, _ in searched], decode)
