@@ -119,6 +119,8 @@ class EPOConfig(Section):
     batch_size: int | None = Field(None, description="Children evaluated per forward pass (None = adapt to memory).")
     prefix_cache: bool = Field(True, description="Evaluate children from their parent's cached keys/values before the first edited position (and the fixed prefix's keys/values once); false = full sequences every time.")
     kv_buckets: int = Field(3, ge=1, description="With prefix_cache: children are split into this many fixed ranges of their first edited position; each range is one batched forward from its first position, reusing the parents' keys/values before it (1 = one forward from the fixed prefix; more = less compute, more calls). Chosen by benchmarks/epo_vs_reference.py.")
+    lean_forward: bool = Field(True, description="Run EPO's forward passes through reverie's fused forward (fused QKV, scaled_dot_product_attention) from the model's own weights where it covers the architecture (GPT-2, Llama/Mistral/NeoX-style); false = transformer_lens's forward. Same numbers within 1e-4 (tested).")
+    search_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the search's matrix products (with lean_forward): bfloat16 uses tensor cores / AMX; the frontier is re-scored in float32 before it is stored, so reported numbers are float32 either way.")
     objective_scale: Literal["z", "dataset_max", "raw"] = Field("z", description="What EPO divides the objective by so that λ (nats⁻¹) means the same for every objective: 'z' = σ of the objective over random prompts (z-score units; paper §3.5), 'dataset_max' = the scan's max dataset activation of each latent, 'raw' = nothing. Stored values stay in the latent's own units; lp combinations divide each member latent by its scale.")
     batch_targets: int | None = Field(None, ge=1, description="Targets (× seeds) dreamed together as one batched EPO search (one gradient pass, one chunked forward per iteration). None = all targets of a unit of work that fit batch_memory_mb.")
     batch_memory_mb: int = Field(4096, ge=64, description="Memory budget of one batched EPO search (per-target state: parents' log-probs, keys/values, gradients); sets the default batch_targets.")
@@ -139,7 +141,7 @@ class EPOConfig(Section):
 class DreamConfig(EPOConfig):
     seeds: list[int] = Field(default_factory=lambda: [0], description="EPO seeds per target; their frontiers merge.")
     attribution_topk: int = Field(32, ge=1, description="Gradient top-k substitutions evaluated per position for token attribution (paper Fig. 1).")
-    attribution_prompts: int = Field(3, ge=0, description="How many of the highest-activation frontier prompts get token attribution.")
+    attribution_prompts: int = Field(3, ge=0, description="How many frontier prompts get token attribution: the most fluent prompt that beats the dataset's best window, the highest-activation prompt, then more winners by CE.")
 
 
 class CorpusConfig(Section):

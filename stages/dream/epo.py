@@ -50,7 +50,9 @@ class IterationStats:
 
 class _Frontier:
     """Pareto frontier over every candidate seen, kept on the device, deduplicated by token ids
-    (the first evaluation of a prompt is kept)."""
+    (the first evaluation of a prompt is kept). Candidates are queued by :meth:`add` and merged
+    by :meth:`flush` (dedup + Pareto filter need a device sync, so the engine merges every few
+    iterations; the result is the same as merging every time)."""
 
     def __init__(self, n: int, device: torch.device):
         self.tokens = torch.zeros(0, n, dtype=torch.long, device=device)
@@ -58,21 +60,40 @@ class _Frontier:
         self.ce = torch.zeros(0, device=device)
         self.iteration = torch.zeros(0, dtype=torch.long, device=device)
         self.lam = torch.zeros(0, device=device)
+        self._queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def add(self, tokens: torch.Tensor, act: torch.Tensor, ce: torch.Tensor, iteration: int, lam: torch.Tensor) -> torch.Tensor:
-        """Merge candidates; returns a 0-dim bool tensor: did any new prompt enter the frontier."""
+    def add(self, tokens: torch.Tensor, act: torch.Tensor, ce: torch.Tensor, iteration: int, lam: torch.Tensor) -> None:
+        """Queue candidates [C, n] with their f, CE, iteration and λ (no device sync)."""
+        it = torch.full((tokens.shape[0],), iteration, dtype=torch.long, device=tokens.device)
+        self._queue.append((tokens, act.float(), ce.float(), it, lam.float()))
+
+    def flush(self) -> bool:
+        """Merge queued candidates; returns whether any of them entered the frontier."""
+        if not self._queue:
+            return False
         n_old = self.tokens.shape[0]
-        t = torch.cat([self.tokens, tokens])
-        a = torch.cat([self.act, act.float()])
-        c = torch.cat([self.ce, ce.float()])
-        it = torch.cat([self.iteration, torch.full((tokens.shape[0],), iteration, dtype=torch.long, device=t.device)])
-        la = torch.cat([self.lam, lam.float()])
+        parts = list(zip(*self._queue))
+        self._queue = []
+        t = torch.cat([self.tokens, *parts[0]])
+        a = torch.cat([self.act, *parts[1]])
+        c = torch.cat([self.ce, *parts[2]])
+        it = torch.cat([self.iteration, *parts[3]])
+        la = torch.cat([self.lam, *parts[4]])
         keep = dedup_rows_first(t)
         keep = keep[pareto_mask(a[keep], c[keep])]
         self.tokens, self.act, self.ce, self.iteration, self.lam = t[keep], a[keep], c[keep], it[keep], la[keep]
-        return (keep >= n_old).any()
+        return bool((keep >= n_old).any())
+
+    def rescored(self, act: torch.Tensor, ce: torch.Tensor) -> "_Frontier":
+        """(After :meth:`flush`.) The same prompts with new values (e.g. re-scored in float32), re-filtered to the Pareto set."""
+        out = _Frontier(self.tokens.shape[1], self.tokens.device)
+        keep = pareto_mask(act.float(), ce.float())
+        out.tokens, out.act, out.ce = self.tokens[keep], act.float()[keep], ce.float()[keep]
+        out.iteration, out.lam = self.iteration[keep], self.lam[keep]
+        return out
 
     def snapshot(self, seed: int, iteration: int) -> FrontierSnapshot:
+        self.flush()
         order = torch.argsort(self.ce)
         return FrontierSnapshot(seed=seed, iteration=iteration, activation=self.act[order].tolist(), ce=self.ce[order].tolist())
 
@@ -177,6 +198,7 @@ def run_epo_batch(subject: Subject, jobs: Sequence[DreamJob], cfg: EPOConfig,
     for g in range(G):
         sl = slice(g * M, (g + 1) * M)
         frontiers[g].add(pop[sl], act[sl], ce[sl], 0, lambdas)
+        frontiers[g].flush()
     n_cand = [M] * G
     history: list[list[FrontierSnapshot]] = [[] for _ in range(G)]
     restarts: list[list[RestartEvent]] = [[] for _ in range(G)]
@@ -211,7 +233,6 @@ def run_epo_batch(subject: Subject, jobs: Sequence[DreamJob], cfg: EPOConfig,
         # ---- selection with replacement (step 3) per job, and each job's frontier
         new_pop, new_act, new_ce = pop.clone(), act.clone(), ce.clone()
         src = torch.arange(G * M, device=dev)                      # slot i ← which old slot (or −1: a child)
-        improved: dict[int, torch.Tensor] = {}
         off = 0
         for g, kids in kids_of:
             c = kids.tokens.shape[0]
@@ -219,7 +240,7 @@ def run_epo_batch(subject: Subject, jobs: Sequence[DreamJob], cfg: EPOConfig,
             off += c
             sl = slice(g * M, (g + 1) * M)
             n_cand[g] += c
-            improved[g] = frontiers[g].add(kids.tokens, res.act[ks], res.ce[ks], it, lambdas[kids.slot])
+            frontiers[g].add(kids.tokens, res.act[ks], res.ce[ks], it, lambdas[kids.slot])
             pool_act = torch.cat([act[sl], res.act[ks]])
             pool_ce = torch.cat([ce[sl], res.ce[ks]])
             pool_tok = torch.cat([pop[sl], kids.tokens])
@@ -250,18 +271,21 @@ def run_epo_batch(subject: Subject, jobs: Sequence[DreamJob], cfg: EPOConfig,
             state = merge_states(state, new_state, rows)
         _sync(dev)
         timing["gradient"] += time.perf_counter() - t3
-        # ---- bookkeeping per job
+        # ---- bookkeeping per job (frontiers merge every few iterations: a device sync each)
         elapsed = time.perf_counter() - t_start
+        merge = cfg.early_stop_patience is not None or it % min(cfg.history_every, 10) == 0
         for g, _ in kids_of:
             last_it[g] = it
+            if merge:
+                improved = frontiers[g].flush()
+                if cfg.early_stop_patience is not None:
+                    since_improved[g] = 0 if improved else since_improved[g] + 1
+                    if since_improved[g] >= cfg.early_stop_patience:
+                        stop_reason[g] = "early_stop"
             if it % cfg.history_every == 0:
                 history[g].append(frontiers[g].snapshot(jobs[g].seed, it))
-            if cfg.early_stop_patience is not None:
-                since_improved[g] = 0 if bool(improved[g]) else since_improved[g] + 1
-                if since_improved[g] >= cfg.early_stop_patience:
-                    stop_reason[g] = "early_stop"
         active = [g for g in active if stop_reason[g] == "iterations"]
-        if progress is not None:
+        if progress is not None and merge:
             progress(IterationStats(iteration=it, total=cfg.iterations, best_activation=float(frontiers[0].act.max()),
                                     frontier_size=sum(int(f.act.numel()) for f in frontiers),
                                     candidates_per_s=sum(n_cand) / max(elapsed, 1e-9), elapsed_s=elapsed))
@@ -271,6 +295,15 @@ def run_epo_batch(subject: Subject, jobs: Sequence[DreamJob], cfg: EPOConfig,
             active = []
         if not active:
             break
+    for f in frontiers:
+        f.flush()
+    rep = ev
+    if ev.search_dtype != torch.float32:     # reported numbers are float32: re-score every frontier
+        rep = PromptEvaluator(subject, [j.objective for j in jobs], cfg.model_copy(update={"search_dtype": "float32"}),
+                              scales=[j.scale for j in jobs])
+        for g in range(G):
+            o = rep.evaluate(frontiers[g].tokens, np.full(frontiers[g].tokens.shape[0], g))
+            frontiers[g] = frontiers[g].rescored(o.act, o.ce)
     wall = time.perf_counter() - t_start
     results = []
     for g, job in enumerate(jobs):
@@ -280,7 +313,7 @@ def run_epo_batch(subject: Subject, jobs: Sequence[DreamJob], cfg: EPOConfig,
         results.append(DreamResult(
             target_id="+".join(str(i) for i in obj.latents), latents=list(obj.latents), combine=obj.combine,
             objective_key=obj.key, objective=obj.describe(), seed=int(job.seed), seeds=[int(job.seed)],
-            config=cfg.model_dump(mode="json"), frontier=_frontier_prompts(subject, ev, frontiers[g], job.seed, g),
+            config=cfg.model_dump(mode="json"), frontier=_frontier_prompts(subject, rep, frontiers[g], job.seed, g),
             history=history[g], restarts=restarts[g], n_iterations=last_it[g], n_candidates=n_cand[g], wall_s=wall / G,
             timing={k: v / G for k, v in timing.items()}, stop_reason=stop_reason[g],
             objective_scale=job.scale_kind, scale=float(job.scale), batch_jobs=G,

@@ -181,6 +181,16 @@ class PromptEvaluator:
         self._suffix_t = torch.tensor(self.suffix_ids, dtype=torch.long, device=self.device)
         mcfg = self.model.cfg
         self.last_resid_hook = f"blocks.{mcfg.n_layers - 1}.hook_resid_post"
+        self.lean = None
+        self.search_dtype = torch.bfloat16 if getattr(cfg, "search_dtype", "float32") == "bfloat16" else torch.float32
+        if getattr(cfg, "lean_forward", True):
+            from stages.dream.lean import LeanForward, unsupported
+
+            if unsupported(self.model, subject.hook_name) is None:
+                self.lean = LeanForward(self.model, subject.hook_name,
+                                        dtype=self.search_dtype if self.search_dtype != torch.float32 else None)
+        if self.lean is None:
+            self.search_dtype = torch.float32      # bf16 search needs the lean forward
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._prefix_logprobs = torch.zeros(self.V, device=self.device)   # uniform when P = 0
         if self.P > 0:
@@ -208,13 +218,19 @@ class PromptEvaluator:
         m = self.model
         if m.cfg.normalization_type is not None:
             resid = m.ln_final(resid)
-        logits = m.unembed(resid)
+        logits = self.lean.unembed(resid) if self.lean is not None else m.unembed(resid)
         cap = getattr(m.cfg, "output_logits_soft_cap", -1.0) or -1.0
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
         return logits.float()
 
     def _init_prefix(self) -> None:
+        if self.lean is not None:
+            with torch.no_grad():
+                _, resid, kv = self.lean.run(self._prefix_t[None], 0, None, record_kv=True)
+                self._prefix_logprobs = torch.log_softmax(self._logits(resid[0, -1]), dim=-1)
+            self._prefix_kv = kv
+            return
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
         cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, 1)
@@ -231,10 +247,21 @@ class PromptEvaluator:
     # ------------------------------------------------------------------ core forward
     def _run(self, tail: torch.Tensor, start: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None,
              record_kv: bool = False, onehot: torch.Tensor | None = None):
-        """Forward ``tail`` = full positions [start, T) given keys/values of positions < start.
+        """Forward ``tail`` = full positions [start, T) given keys/values of positions < start
+        (:class:`~stages.dream.lean.LeanForward` when it covers the model, else transformer_lens
+        with its key/value cache; one evaluator always uses one of them, whose cache layouts differ).
 
         Returns ``(acts [B, L, d_in], final_resid [B, L, d_model], kv or None)``.
         """
+        if self.lean is not None:
+            hook = None
+            if onehot is not None:
+                j0, n, W_E = self.P - start, self.n, self.model.W_E
+
+                def hook(e):
+                    sub = onehot.to(W_E.dtype) @ W_E
+                    return torch.cat([e[:, :j0], e[:, j0:j0 + n] + (sub - sub.detach()), e[:, j0 + n:]], dim=1)
+            return self.lean.run(tail, start, past, record_kv, hook)
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
 
@@ -279,22 +306,24 @@ class PromptEvaluator:
         parts = [self.objectives[g].reduce_tokens(values[lo:hi], slice(0, self.n)).float() for g, lo, hi in group_runs(group)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _ragged_ce(self, resid: torch.Tensor, opt: torch.Tensor, row0: int, need: torch.Tensor) -> torch.Tensor:
+    def _ragged_ce(self, resid: torch.Tensor, opt: torch.Tensor, row0: int, need: np.ndarray) -> torch.Tensor:
         """CE terms from the rows of ``resid`` that predict optimized tokens.
 
         Args:
             resid: [B, L, d_model] final residual of positions [start, start + L).
             opt: [B, n] optimized tokens.
             row0: optimized index j predicted by resid row i is j = i + row0 (row0 = start − P + 1).
-            need: [B, n] bool, which j to compute (only j whose predicting row is in ``resid``).
+            need: [B, n] host bool, which j to compute (only j whose predicting row is in
+                ``resid``); on the host so that gathering the rows needs no device sync.
         Returns:
             [B, n] float32: −log p(t_j | t_<j) where ``need``, else 0.
         """
         B, n = opt.shape
         out = torch.zeros(B, n, device=self.device)
-        b_idx, j_idx = torch.nonzero(need, as_tuple=True)
-        if b_idx.numel() == 0:
+        b_np, j_np = np.nonzero(need)
+        if b_np.size == 0:
             return out
+        b_idx, j_idx = torch.as_tensor(b_np, device=self.device), torch.as_tensor(j_np, device=self.device)
         logits = self._logits(resid[b_idx, j_idx - row0])                      # [R, V]
         lse = torch.logsumexp(logits, dim=-1)
         tgt = logits.gather(-1, opt[b_idx, j_idx][:, None]).squeeze(-1)
@@ -338,7 +367,7 @@ class PromptEvaluator:
         opt = opt.to(self.device)
         group = self._groups(group, opt.shape[0])
         start = self.P if (self.prefix_cache and self._prefix_kv is not None) else 0
-        need = torch.ones(1, self.n, dtype=torch.bool, device=self.device)
+        need = self._predictable(start).copy()
         need[0, : max(start - self.P + 1, 0)] = False                      # j predicted inside the cached prefix
 
         def run(lo: int, hi: int) -> EvalOut:
@@ -346,17 +375,16 @@ class PromptEvaluator:
             past = [(k.expand(hi - lo, -1, -1, -1), v.expand(hi - lo, -1, -1, -1)) for k, v in self._prefix_kv] if start > 0 else None
             acts, resid, _ = self._run(self.full(o)[:, start:], start, past)
             values = self.per_token(acts[:, self.P - start:], g)
-            ce_terms = self._ragged_ce(resid, o, start - self.P + 1, need.expand(hi - lo, -1) & self._predictable(start))
+            ce_terms = self._ragged_ce(resid, o, start - self.P + 1, np.broadcast_to(need, (hi - lo, self.n)))
             if start > 0 and self.P > 0:   # j = 0 predicted by the constant prefix
                 ce_terms[:, 0] = -self._prefix_logprobs[o[:, 0]]
             return self._finish(values, ce_terms, g)
 
         return self._batched(opt.shape[0], self.T - start, run)
 
-    def _predictable(self, start: int) -> torch.Tensor:
-        """[1, n] bool: optimized j whose predicting position P + j − 1 is ≥ ``start`` (in the run)."""
-        j = torch.arange(self.n, device=self.device)
-        return ((self.P + j - 1) >= start)[None, :]
+    def _predictable(self, start: int) -> np.ndarray:
+        """[1, n] host bool: optimized j whose predicting position P + j − 1 is ≥ ``start`` (in the run)."""
+        return ((self.P + np.arange(self.n) - 1) >= start)[None, :]
 
     @torch.no_grad()
     def evaluate_children(self, children: torch.Tensor, slot: torch.Tensor, first: np.ndarray, parents: ParentState,
@@ -387,25 +415,27 @@ class PromptEvaluator:
                 continue
             p0 = -(-b * n // K)                                                # ⌈b·n/K⌉
             idx = torch.as_tensor(sel, device=self.device)
-            outs.append(self._eval_bucket(children[idx], slot[idx], p0, torch.as_tensor(first[sel], device=self.device), parents, group[sel]))
+            outs.append(self._eval_bucket(children[idx], slot[idx], p0, first[sel], parents, group[sel]))
         res = EvalOut.cat(outs)
         inv = torch.empty(C, dtype=torch.long, device=self.device)
         inv[torch.as_tensor(order, device=self.device)] = torch.arange(C, device=self.device)
         return res.index(inv)
 
-    def _eval_bucket(self, kids: torch.Tensor, slot: torch.Tensor, p0: int, first: torch.Tensor, parents: ParentState,
+    def _eval_bucket(self, kids: torch.Tensor, slot: torch.Tensor, p0: int, first: np.ndarray, parents: ParentState,
                      group: np.ndarray) -> EvalOut:
         start = self.P + p0
         full = self.full(kids)
         j = torch.arange(self.n, device=self.device)
+        first_dev = torch.as_tensor(first, device=self.device)
+        pred = self._predictable(start)
 
         def run(lo: int, hi: int) -> EvalOut:
-            o, s, f = kids[lo:hi], slot[lo:hi], first[lo:hi]
+            o, s, f = kids[lo:hi], slot[lo:hi], first_dev[lo:hi]
             past = [(k[s, :start], v[s, :start]) for k, v in parents.kv] if start > 0 else None
             acts, resid, _ = self._run(full[lo:hi, start:], start, past)
             vals_tail = self.per_token(acts[:, max(self.P - start, 0):], group[lo:hi])
             values = torch.cat([parents.values[s, :p0], vals_tail], dim=1)
-            need = (j[None, :] > f[:, None]) & self._predictable(start)
+            need = (np.arange(self.n)[None, :] > first[lo:hi, None]) & pred
             ce_terms = self._ragged_ce(resid, o, start - self.P + 1, need)
             before = j[None, :] < f[:, None]
             ce_terms = torch.where(before, parents.ce_terms[s], ce_terms)
