@@ -24,17 +24,32 @@ log = logging.getLogger(__name__)
 UnitResult = tuple[Target, Any]  # (target, list[DreamResult] or the Exception it raised)
 
 
-def dream_unit(cfg: ReverieConfig, subject: Any, targets: list[Target], dataset_max: dict[int, float] | None = None) -> list[list[Any]]:
+def dream_unit(cfg: ReverieConfig, subject: Any, targets: list[Target], dataset_max: dict[int, float] | None = None) -> list[Any]:
     """Compute one dream unit: every configured seed of a batch of targets, as one batched EPO
-    search (no DB access).
+    search (no DB access). If the batch raises, each target is dreamed alone so that one failing
+    target (NaN weights, say) fails only its own unit; a target's results do not depend on its
+    batch (same frontier alone or batched).
 
     Returns:
-        Per target (in order), one ``DreamResult`` per seed in ``cfg.dream.seeds``.
+        Per target (in order), its list of ``DreamResult`` (one per seed in ``cfg.dream.seeds``)
+        or the exception it raised.
+    Raises:
+        Interrupted: SIGINT/SIGTERM (never recorded as a unit failure).
     """
-    from pipeline.signals import check_interrupt
+    from pipeline.signals import check_interrupt, is_interrupt
     from stages.dream import dream_targets
 
-    return dream_targets(cfg, subject, targets, dataset_max=dataset_max, should_stop=check_interrupt)
+    try:
+        return dream_targets(cfg, subject, targets, dataset_max=dataset_max, should_stop=check_interrupt)
+    except Exception as e:  # noqa: BLE001 - isolate the failing target below
+        if is_interrupt(e):
+            raise
+        if len(targets) == 1:
+            log.exception("dream unit %s failed", targets[0].target_id)
+            return [e]
+        log.warning("dream batch %s failed (%s: %s); dreaming its targets one by one",
+                    ", ".join(t.target_id for t in targets), type(e).__name__, e)
+    return [r for t in targets for r in dream_unit(cfg, subject, [t], dataset_max)]
 
 
 def target_batches(cfg: ReverieConfig, subject: Any, targets: list[Target], n_workers: int = 1) -> list[list[Target]]:

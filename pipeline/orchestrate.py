@@ -201,6 +201,15 @@ def _check_finite(results: list[Any]) -> None:
             raise FloatingPointError("the objective or CE is NaN/inf or the frontier is empty; check the objective and the SAE weights")
 
 
+def _dataset_max(store: Store, scan_id: str | None) -> dict[int, float]:
+    """latent → its best matched-length dataset window fed alone (else its in-context max) in the scan."""
+    if not scan_id:
+        return {}
+    rows = store.fetch("SELECT latent, max_act, window_max FROM scan_latents WHERE scan_id = ?", [scan_id])
+    return {int(r["latent"]): float(r["window_max"] if r.get("window_max") is not None else r["max_act"])
+            for r in rows if (r.get("window_max") is not None or r.get("max_act") is not None)}
+
+
 def _stored_targets(store: Store, run_id: str) -> list[Target]:
     rows = store.fetch("SELECT latents, combine, log10_density FROM targets WHERE run_id = ? ORDER BY len(latents), target_id", [run_id])
     return [Target(latents=list(r["latents"]), combine=r["combine"], log10_density=list(r["log10_density"] or [])) for r in rows]
@@ -292,7 +301,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             ok, scan_id = ledger.run(RUN_LEVEL, "scan", lambda: run_scan(cfg, subject, store, targets), atomic=False)
             changed = True
 
-        # dream (the executor computes; this driver alone writes) ----------------------
+        # dream (the executor computes batches of targets; this driver alone writes) ----------
         from stages.dream import write_dream
 
         todo = [t for t in targets if not ledger.is_done(t.target_id, "dream")]
@@ -301,8 +310,8 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             changed = True
             from pipeline.executors import make_executor
 
-            executor = make_executor(cfg, subject)
-            log.info("dreaming %d targets on the %s executor", len(todo), executor.name)
+            executor = make_executor(cfg, subject, _dataset_max(store, scan_id))
+            log.info("dreaming %d targets on the %s executor (batched EPO)", len(todo), executor.name)
             from tqdm import tqdm
 
             units = tqdm(executor.map_dreams(todo), total=len(todo), desc="dream units", unit="target")
@@ -318,7 +327,8 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
                     for r in results:
                         write_dream(store, run_id, target, r)
 
-                ledger.run(target.target_id, "dream", write)
+                # the unit's wall time is its compute: its share of the batched search(es)
+                ledger.run(target.target_id, "dream", write, wall_s=sum(r.wall_s for r in results))
 
         # compare ---------------------------------------------------------------
         if scan_id and (changed or not ledger.is_done(RUN_LEVEL, "compare")):

@@ -26,7 +26,7 @@ TINY = {
 }
 SETS = [f"--set={k}={v!r}".replace("'", '"') if isinstance(v, str) else f"--set={k}={v}".replace("True", "true").replace("False", "false") for k, v in TINY.items()]
 
-VOLATILE = {"wall_s", "created_at", "updated_at", "started_at", "ended_at", "applied_at", "latency_s", "config_json", "summary_json", "code_version", "timing_json", "pass_wall_s"}
+VOLATILE = {"batch_jobs", "wall_s", "created_at", "updated_at", "started_at", "ended_at", "applied_at", "latency_s", "config_json", "summary_json", "code_version", "timing_json", "pass_wall_s"}
 TABLES = ["targets", "dream_runs", "dream_prompts", "dream_history", "dream_attributions", "scans", "scan_latents",
           "scan_examples", "baselines", "comparisons", "compare_summary", "units"]
 
@@ -144,7 +144,9 @@ def test_kill_at_several_points_then_resume_equals_uninterrupted(reference, tmp_
     proc = _launch(project, "nightly-test")
     assert proc.wait(timeout=600) == 0
     got, want = snapshot(project), snapshot(ref_project)
-    assert_tables_equal(got, want, "kill-and-resume vs uninterrupted")
+    # same prompts and frontiers; floats agree to float32 rounding: a resumed run dreams the
+    # remaining targets in a smaller batch, and a matrix product over fewer rows may round its last bit differently
+    assert_tables_equal(got, want, "kill-and-resume vs uninterrupted", rel=1e-5)
     unit = lambda rows: {(r["target_id"], r["stage"], r["status"]) for r in rows}  # noqa: E731
     assert unit(got["units"]) == unit(want["units"])
 
@@ -164,17 +166,17 @@ def test_ray_executor_gives_the_same_rows(reference, tmp_path):
 
 def test_a_failing_unit_does_not_stop_the_others(tmp_path, monkeypatch):
     """A target whose dream raises is recorded as failed; the rest finish; exit code 1."""
-    import stages.dream as dream
+    import stages.dream.stage as stage
     from pipeline.orchestrate import run_nightly
 
-    real = dream.dream_target
+    real = stage.run_epo_batch
 
-    def flaky(cfg, subject, target, seed):
-        if target.is_combination:
+    def flaky(subject, jobs, cfg, *a, **k):
+        if any(j.objective.combine for j in jobs):
             raise FloatingPointError("objective returned NaN")
-        return real(cfg, subject, target, seed)
+        return real(subject, jobs, cfg, *a, **k)
 
-    monkeypatch.setattr(dream, "dream_target", flaky)
+    monkeypatch.setattr(stage, "run_epo_batch", flaky)
     s = run_nightly(_cfg(tmp_path / "p"), run_id="nightly-fail")
     assert s.exit_code == 1 and s.failed == 1
     assert any("35+85" in f and "NaN" in f for f in s.failures)

@@ -43,15 +43,15 @@ def token_attribution(ev: PromptEvaluator, token_ids: list[int], topk: int = 32)
     cand = grad[0].masked_fill(~allowed, -torch.inf).topk(k, dim=-1).indices   # [n, k]
     base = float(ev.evaluate(opt).act[0])
     acts = ev.evaluate(_substitutions(opt, cand)).act.view(n, k)
-    tok = ev.subject.tokenizer
+    shown = ev.subject.decode_tokens      # display pieces (spaces kept, control characters escaped)
     out = []
     for j in range(n):
         order = torch.argsort(acts[j], descending=True).tolist()
         ids = cand[j].tolist()
         vals = acts[j].tolist()
         out.append(PositionAttribution(
-            position=j, token_id=int(token_ids[j]), token=tok.decode([int(token_ids[j])]),
+            position=j, token_id=int(token_ids[j]), token=shown([int(token_ids[j])])[0],
             drop_worst=base - float(acts[j].min()), drop_best=base - float(acts[j].max()),
-            replacements=[Replacement(token_id=int(ids[i]), token=tok.decode([int(ids[i])]), activation=float(vals[i])) for i in order],
+            replacements=[Replacement(token_id=int(ids[i]), token=shown([int(ids[i])])[0], activation=float(vals[i])) for i in order],
         ))
     return out
