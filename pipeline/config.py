@@ -100,6 +100,25 @@ class TargetsConfig(Section):
     quantity: Literal["pre", "post", "projection"] = Field("pre", description="What the objective reads: SAE pre-activation, post-activation (architecture-aware), or projection on the unit decoder direction.")
     reduce: Literal["last", "max"] = Field("last", description="Read the latent at the last prompt token, or the max over optimized positions.")
 
+    @field_validator("combinations")
+    @classmethod
+    def _distinct_members(cls, v: list[list[int]]) -> list[list[int]]:
+        for combo in v:
+            dup = sorted({i for i in combo if combo.count(i) > 1})
+            if dup:
+                raise ValueError(f"the combination {combo} repeats latent(s) {dup}; a combination needs distinct latents, e.g. [{combo[0]}, <another id>]")
+            if any(i < 0 for i in combo):
+                raise ValueError(f"the combination {combo} has a negative latent id; latent ids are 0 .. d_sae - 1")
+        return v
+
+    @field_validator("latents")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        bad = [i for i in v if i < 0]
+        if bad:
+            raise ValueError(f"negative latent id(s) {bad}; latent ids are 0 .. d_sae - 1")
+        return v
+
 
 class EPOConfig(Section):
     """Evolutionary Prompt Optimization hyper-parameters. Defaults: Thompson et al. (2024), Table 1."""
@@ -177,6 +196,7 @@ class ScanConfig(Section):
     checkpoint_every: int = Field(20, ge=1, description="Batches between resumable checkpoints.")
     all_latents: bool = Field(False, description="Scan all d_sae latents instead of only the targets.")
     random_prompt_examples: int = Field(20, ge=0, description="Random baseline prompts stored per latent as kind='random_prompt' examples (negatives when scoring explanations on dreams).")
+    on_bad_document: Literal["skip", "fail"] = Field("skip", description="A corpus document that cannot be read (an unparsable JSON line, no text field): 'skip' it and count it (the counts are stored with the scan and shown on the report's index), or 'fail' the scan naming the file and line. Invalid UTF-8 bytes are always replaced (and counted), control characters and lone surrogates always cleaned before tokenization.")
     window_search_top: int = Field(64, ge=0, description="Top contexts per latent (by in-context max) whose every full-length (dream-length) window is evaluated alone after BOS; the Pareto frontier of those windows is the dataset side of the comparison (0 = none searched). May exceed top_k (more contexts are kept in the pass than shown; cost grows linearly); benchmarks/window_search.py measures how close it comes to an exhaustive pass.")
 
 
@@ -206,6 +226,7 @@ class ExplainConfig(Section):
     n_holdout: int = Field(10, ge=1, description="Held-out examples per class for detection scoring.")
     detection_batch: int = Field(10, ge=1, description="Held-out examples labelled per detection request (delphi-style batches).")
     seed: int = Field(0, description="Seed of the held-out example shuffle (the same order for an explanation and its baseline).")
+    max_answer_chars: int = Field(4000, ge=100, description="Longest LLM answer kept, in characters: a longer answer is cut to this length before it is cached and recorded as a failure ('over-long answer'), never used as an explanation.")
 
 
 class ReportConfig(Section):
@@ -222,6 +243,13 @@ class RunConfig(Section):
     ray_num_gpus_per_task: float = Field(0.0, ge=0, description="Ray: GPUs per dream task (e.g. 1).")
     run_id: str | None = Field(None, description="Run id (default: 'nightly-<date>'); rerunning the same id resumes it.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads of the driver and each worker (None = torch's default). Tiny models run fastest with 1.")
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        from pipeline.paths import check_run_id
+
+        return None if v is None else check_run_id(v, ValueError)
 
 
 class ReverieConfig(Section):
@@ -250,17 +278,23 @@ class ReverieConfig(Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, overridden: tuple[str, ...] = ()) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = [str(x) for x in e["loc"]]
+        dotted = ".".join(loc)
+        flag = next((k for k in overridden if dotted == k or dotted.startswith(k + ".")), None)
+        msg = e["msg"].removeprefix("Value error, ")
+        if flag is not None:
+            lines.append(f"  {dotted} (given on the command line, --set {flag}=... or its own flag, not in {source}): {msg}")
+            continue
         if e["type"] == "extra_forbidden":
             key = loc[-1]
             section = ".".join(loc[:-1]) or "top level"
             lines.append(f"  unknown key '{key}' in section [{section}]; check the spelling against `reverie config show`")
         else:
             where = ".".join(loc) or "top level"
-            lines.append(f"  {where}: {e['msg']}")
+            lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
 
@@ -301,7 +335,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return ReverieConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        flags = tuple(k for k, v in (overrides or {}).items() if v is not None)
+        raise ConfigError(_format_validation_error(e, source, flags)) from None
 
 
 def dump_toml(cfg: ReverieConfig) -> str:

@@ -8,6 +8,7 @@ Config strings may contain ``{shared}``, which expands to that folder.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -49,3 +50,26 @@ def expand(value: str | None) -> str | None:
     if "{shared}" in value:
         value = value.replace("{shared}", str(shared_dir()))
     return os.path.expanduser(value)
+
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def check_run_id(run_id: str, error: type[Exception] = ConfigError) -> str:
+    """Check a run id is safe to use in file names (logs/<run id>.log, reports/<run id>/).
+
+    Allowed: 1–128 characters from letters, digits, ``.``, ``_``, ``+``, ``-``, starting with a
+    letter or digit, without ``..``; so no path separator, no parent reference, no control
+    character.
+
+    Returns:
+        ``run_id`` unchanged.
+    Raises:
+        ``error`` (default :class:`ConfigError`): the id is not safe; the message says why and how to fix it.
+    """
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id) or ".." in run_id:
+        shown = repr(run_id).encode("ascii", "backslashreplace").decode()
+        raise error(f"run id {shown} is not allowed: a run id names files (logs/<run id>.log, reports/<run id>/), so it may hold only "
+                    "letters, digits, '.', '_', '+' and '-', must start with a letter or digit, must not contain '..', and is at most "
+                    "128 characters; e.g. --run-id nightly-test")
+    return run_id

@@ -118,3 +118,25 @@ def read_latents(sae, x: torch.Tensor, latents: torch.Tensor | list[int] | None,
     if quantity == "post":
         return acts.post
     raise ValueError(f"unknown quantity {quantity!r}: use 'pre', 'post' or 'projection'")
+
+
+def check_finite_activations(rank: torch.Tensor, post: torch.Tensor, contexts: list | None = None, latents: list[int] | None = None) -> None:
+    """Raise when a batch of latent activations holds NaN or Inf (a scan unit then fails, never
+    records NaN maxima or densities as 'done').
+
+    Args:
+        rank, post: [B, T, L] activations of one batch.
+        contexts: the batch's contexts (``doc_idx`` is named in the message), optional.
+        latents: the latent id of each of the L slots, optional.
+    Raises:
+        FloatingPointError: the message names the first bad context and latent and what to check.
+    """
+    bad = ~(torch.isfinite(rank) & torch.isfinite(post))
+    if not bool(bad.any()):
+        return
+    b, t, j = (int(i) for i in bad.nonzero()[0].tolist())
+    doc = getattr(contexts[b], "doc_idx", "?") if contexts else "?"
+    lat = latents[j] if latents else j
+    raise FloatingPointError(
+        f"{int(bad.sum())} NaN/Inf latent activations in a batch (first: document {doc}, position {t}, latent {lat}); "
+        "the model or SAE weights hold NaN/Inf, or model.dtype overflows (use model.dtype = \"float32\")")

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.config import ModelConfig, SAEConfig
 from pipeline.errors import LoadError, TargetError
+from pipeline.hashing import MODEL_FILES, SAE_FILES, dir_sha256
 from pipeline.hub import check_hub_reachable, hub_offline, offline_error
 from pipeline.paths import expand
 
@@ -45,6 +46,8 @@ class Subject:
         model_key / sae_key: stable identities ('name' or resolved path; 'release/id' or path).
         neuronpedia_id: Neuronpedia id from the SAE metadata, if any.
         log10_density: per-latent log10 firing frequency, shape [d_sae], float32 (sparsity file), or None.
+        model_sha / sae_sha: content hashes (16 hex characters) of the model's and the SAE's files
+            (:func:`pipeline.hashing.dir_sha256`; for hub names, the name), part of every cache key.
     """
 
     model: Any
@@ -59,6 +62,8 @@ class Subject:
     neuronpedia_id: str | None = None
     log10_density: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    model_sha: str | None = None
+    sae_sha: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -207,7 +212,8 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, An
     if not model_dir.is_dir():
         raise LoadError(f"model directory not found: {model_dir}. Set model.path to a local Hugging Face model folder, or model.name for the hub.")
     if not (model_dir / "config.json").exists():
-        raise LoadError(f"{model_dir} has no config.json: not a Hugging Face model directory.")
+        raise LoadError(f"{model_dir} has no config.json: not a Hugging Face model directory. Set model.path to the folder that holds "
+                        "config.json, the weights (*.safetensors) and the tokenizer (e.g. '{shared}/models/tinystories-656k'), or model.name for the hub.")
     from transformer_lens import loading_from_pretrained as lfp
     from transformers import AutoModelForCausalLM
 
@@ -279,7 +285,9 @@ def load_sae(cfg: SAEConfig, device: str) -> tuple[Any, str, torch.Tensor | None
             raise LoadError(f"SAE directory not found: {sae_dir}. Set sae.path to a sae-lens folder (cfg.json + sae_weights.safetensors) or use sae.release + sae.sae_id.")
         for f in ("cfg.json", "sae_weights.safetensors"):
             if not (sae_dir / f).exists():
-                raise LoadError(f"{sae_dir} has no {f}: not a sae-lens SAE directory.")
+                raise LoadError(f"{sae_dir} has no {f}: not a sae-lens SAE directory. Set sae.path to a folder saved by sae-lens "
+                                "(cfg.json + sae_weights.safetensors, e.g. '{shared}/saes/tinystories-656k-res/jumprelu-2048'), "
+                                "or use sae.release + sae.sae_id from the sae-lens registry.")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -342,12 +350,38 @@ def check_fit(model: Any, sae: Any, model_key: str, expected_model: str | None =
     layer = hook_layer(hook_name, model.cfg.n_layers)
     width = _hook_width(model, hook_name)
     if width is not None and width != sae.cfg.d_in:
-        raise TargetError(f"SAE d_in = {sae.cfg.d_in} but the model's activation at {hook_name} has width {width}: the SAE was trained on another model or hook.")
+        raise TargetError(f"SAE d_in = {sae.cfg.d_in} but the model's activation at {hook_name} has width {width}: the SAE was trained on "
+                          "another model or hook. Use an SAE trained on this model's hook point (sae.path / sae.release + sae.sae_id), "
+                          "or the model it was trained on (model.path / model.name).")
+    check_finite_weights(sae, f"the SAE ({getattr(sae, '_reverie_source', 'sae')})")
+    check_finite_weights(model, f"the model {model_key}")
     sae_model = getattr(meta, "model_name", None)
     want = expected_model or Path(model_key).name
     if sae_model and want and sae_model != want:
         warnings.warn(f"the SAE was trained on model {sae_model!r} but the loaded model is {want!r}; activations may be meaningless", stacklevel=2)
     return hook_name, layer
+
+
+def check_finite_weights(module: Any, what: str) -> None:
+    """Raise when any parameter (weight) of ``module`` holds NaN or Inf (buffers are not weights:
+    attention masks legitimately hold -inf).
+
+    Args:
+        module: a torch module (the model or the SAE).
+        what: how the message names it, e.g. "the SAE (/path/to/sae)".
+    Raises:
+        LoadError: the message names the tensors and how many values are bad.
+    """
+    bad = []
+    for name, t in module.named_parameters():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t.detach())).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()} values)")
+    if bad:
+        raise LoadError(f"{what} holds NaN/Inf weights: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. The weight file is corrupt "
+                        "or was saved from a diverged training run; restore or retrain it (every cached scan of the broken file is keyed "
+                        "by its content hash and is not reused).")
 
 
 def _hook_width(model: Any, hook_name: str) -> int | None:
@@ -363,9 +397,10 @@ def _hook_width(model: Any, hook_name: str) -> int | None:
 
 def check_latents(latents: list[int], d_sae: int) -> None:
     """Raises TargetError when any latent id is outside ``[0, d_sae)``."""
-    bad = [i for i in latents if not 0 <= int(i) < d_sae]
+    bad = sorted({int(i) for i in latents if not 0 <= int(i) < d_sae})
     if bad:
-        raise TargetError(f"latent ids {bad} do not exist: this SAE has d_sae = {d_sae} latents (valid ids 0..{d_sae - 1}).")
+        raise TargetError(f"latent ids {bad} do not exist: this SAE has d_sae = {d_sae} latents (valid ids 0..{d_sae - 1}); "
+                          "fix --latent / targets.latents / targets.combinations.")
 
 
 def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
@@ -378,6 +413,7 @@ def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
     sae, sae_key, density = load_sae(sae_cfg, model_cfg.device)
     sae.requires_grad_(False)
     sae.eval()
+    sae._reverie_source = sae_key  # named in check_fit's messages
     hook_name, layer = check_fit(model, sae, model_key, sae_cfg.expected_model)
     meta = sae.cfg.metadata
     ctx = getattr(meta, "context_size", None) or int(model.cfg.n_ctx)
@@ -386,5 +422,68 @@ def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
         model=model, tokenizer=tok, sae=sae, hook_name=hook_name, layer=layer,
         prepend_bos=True if prepend is None else bool(prepend), context_size=int(ctx),
         model_key=model_key, sae_key=sae_key, neuronpedia_id=getattr(meta, "neuronpedia_id", None),
-        log10_density=density,
+        log10_density=density, model_sha=input_sha(model_key, MODEL_FILES), sae_sha=input_sha(sae_key, SAE_FILES),
     )
+
+
+def input_sha(key: str, patterns: tuple[str, ...]) -> str:
+    """Content hash of a local model / SAE folder (:func:`pipeline.hashing.dir_sha256`, cached by
+    path, size and mtime), or ``'name:' + key`` for a hub name / registry id (whose files the
+    hub's revision pins)."""
+    p = Path(key)
+    return dir_sha256(p, patterns) if p.is_dir() else f"name:{key}"
+
+
+def sae_cfg_d_sae(cfg: SAEConfig) -> int | None:
+    """``d_sae`` from a local SAE folder's ``cfg.json``, read without loading any weights (None for
+    a registry SAE, or when cfg.json has no integer ``d_sae``).
+
+    Raises:
+        LoadError: the folder or its cfg.json is missing, or cfg.json is not JSON.
+    """
+    import json
+
+    if not cfg.path:
+        return None
+    sae_dir = Path(expand(cfg.path)).resolve()
+    f = sae_dir / "cfg.json"
+    if not sae_dir.is_dir():
+        raise LoadError(f"SAE directory not found: {sae_dir}. Set sae.path to a sae-lens folder (cfg.json + sae_weights.safetensors) or use sae.release + sae.sae_id.")
+    if not f.is_file():
+        raise LoadError(f"{sae_dir} has no cfg.json: not a sae-lens SAE directory. Set sae.path to a folder saved by sae-lens "
+                        "(cfg.json + sae_weights.safetensors), or use sae.release + sae.sae_id from the sae-lens registry.")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8", errors="replace"))
+    except ValueError as e:
+        raise LoadError(f"{f} is not valid JSON ({e}); restore the SAE's cfg.json") from None
+    d = data.get("d_sae") if isinstance(data, dict) else None
+    return int(d) if isinstance(d, int) and not isinstance(d, bool) else None
+
+
+def precheck_targets(latents: list[int], combinations: list[list[int]], sae_cfg: SAEConfig, combine: str | None = None,
+                     n_random: int | None = None) -> None:
+    """Check latent ids before anything slow loads: each within the SAE's ``d_sae`` (from cfg.json),
+    no latent twice in one combination.
+
+    Args:
+        latents: explicit single latents (or the members of a ``combine`` target).
+        combinations: multi-latent targets.
+        combine: when set, ``latents`` form one combination (``reverie dream --combine``).
+        n_random: ``targets.n_random`` when random latents are drawn without explicit ones: 0 with
+            no latents and no combinations is an error (nothing to explain).
+    Raises:
+        TargetError: an id outside ``[0, d_sae)`` or a repeated latent; the message says how to fix it.
+        LoadError: the SAE folder or its cfg.json is missing or unreadable.
+    """
+    if n_random is not None and n_random <= 0 and not latents and not combinations:
+        raise TargetError("nothing to explain: targets.latents and targets.combinations are empty and targets.n_random = 0; "
+                          "set targets.n_random >= 1 (or --n 1), or list latents (targets.latents / --latent)")
+    groups = [list(c) for c in combinations] + ([list(latents)] if combine else [])
+    for g in groups:
+        dup = sorted({i for i in g if g.count(i) > 1})
+        if dup:
+            raise TargetError(f"the combination {g} repeats latent(s) {dup}: a combination needs distinct latents; "
+                              "remove the repeat (e.g. --latent 552 --latent 1300 --combine lp)")
+    d_sae = sae_cfg_d_sae(sae_cfg)
+    if d_sae is not None:
+        check_latents([*latents, *(i for g in groups for i in g)], d_sae)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -36,10 +35,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import ReverieConfig
-from pipeline.corpus import corpus_identity, iter_documents
+from pipeline import plaindata
+from pipeline.corpus import CorpusStats, corpus_count_columns, corpus_identity, iter_documents
 from pipeline.errors import ReverieError
 from pipeline.store import Store, now
-from sae_targets.activations import latent_activations, read_latents
+from sae_targets.activations import check_finite_activations, latent_activations, read_latents
 from sae_targets.contexts import Context, hook_activations, iter_contexts, pad_batch
 from sae_targets.loading import Subject, check_latents
 from sae_targets.objectives import Objective, build_objective
@@ -104,6 +104,8 @@ def scan_key(cfg: ReverieConfig, subject: Subject, latents: Iterable[int] | Iter
     ids = list(range(subject.d_sae)) if cfg.scan.all_latents else scan_latent_ids(latents)
     blob = {
         "model": subject.model_key, "sae": subject.sae_key, "hook": subject.hook_name,
+        # content hashes of the weights (issue 16): a file replaced in place is a new scan
+        "model_sha": getattr(subject, "model_sha", None), "sae_sha": getattr(subject, "sae_sha", None),
         "corpus": corpus_identity(cfg.scan.corpus), "settings": scan_settings(cfg, subject), "latents": ids,
     }
     return "scan-" + hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -114,7 +116,7 @@ def scan_key(cfg: ReverieConfig, subject: Subject, latents: Iterable[int] | Iter
 
 @dataclass
 class ScanState:
-    """Everything a scan accumulates; pickled into ``scan_checkpoints`` (size independent of corpus length).
+    """Everything a scan accumulates; stored as plain data in ``scan_checkpoints`` (size independent of corpus length).
 
     Attributes:
         latents: latent ids, one slot each.
@@ -142,6 +144,7 @@ class ScanState:
     quantiles: QuantileSampler = field(default=None)  # type: ignore[assignment]
     nonfiring: BottomKSample = field(default=None)  # type: ignore[assignment]
     windows: BottomKSample = field(default=None)  # type: ignore[assignment]
+    corpus_counts: dict = field(default_factory=dict)  # pipeline.corpus.CorpusStats.counts of the pass
 
     def __post_init__(self) -> None:
         L = len(self.latents)
@@ -258,7 +261,9 @@ def _body0(subject: Subject) -> int:
 def _context_stream(cfg: ReverieConfig, subject: Subject, state: ScanState) -> Iterator[Context]:
     """Contexts after the state's resume point (the whole corpus for a fresh state)."""
     first_doc = max(state.last_doc, 0)
-    docs = iter_documents(cfg.scan.corpus, skip=first_doc)
+    stats = CorpusStats()  # a resume re-reads (and recounts) the corpus before its resume point
+    state.corpus_counts = stats.counts
+    docs = iter_documents(cfg.scan.corpus, skip=first_doc, stats=stats, on_bad=cfg.scan.on_bad_document)
     ctxs = iter_contexts(subject, docs, context_size(cfg, subject), doc_offset=first_doc)
     if state.last_doc < 0:
         return ctxs
@@ -332,6 +337,7 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
             body = mask.clone()
             body[:, :body0] = False
             rank, post = batch_activations(subject, state.latents, cfg.targets.quantity, tokens)
+            check_finite_activations(rank, post, batch, state.latents)
             before = state.tokens_seen
             update_state(state, batch, rank.float().cpu().numpy(), post.float().cpu().numpy(), body.numpy(),
                          s.example_window, cfg.dream.n_tokens, body0)
@@ -595,6 +601,7 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
         "ce_p10": b_all["p10"], "ce_p50": b_all["p50"], "ce_rest_mean": b_rest["mean"], "ce_rest_std": b_rest["std"],
         "ce_rest_p10": b_rest["p10"], "ce_rest_p50": b_rest["p50"], "ce_rest_in_dist_threshold": b_rest["in_dist"],
         "wall_s": state.wall_s + time.perf_counter() - t0, "pass_wall_s": state.wall_s, "updated_at": now(),
+        **corpus_count_columns(state.corpus_counts),
     }
     return ScanResult(scan_id, scan_row, latent_rows, example_rows, b_rows, o_rows, w_rows)
 
@@ -613,9 +620,14 @@ def _start_row(cfg: ReverieConfig, subject: Subject, scan_id: str, latents: Sequ
     }
 
 
+# the classes a checkpoint may hold (plain data: nothing else is ever rebuilt from the database)
+CHECKPOINT_CLASSES = (ScanState, StreamingTopK, Candidate, AdaptiveHistogram, QuantileSampler, BottomKSample)
+
+
 def write_checkpoint(store: Store, scan_id: str, state: ScanState) -> None:
-    """Store the pickled streaming state and the progress, in one transaction."""
-    blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    """Store the streaming state as plain data (:func:`pipeline.plaindata.dumps`, never a pickle)
+    and the progress, in one transaction."""
+    blob = plaindata.dumps(state, CHECKPOINT_CLASSES)
     with store.transaction():
         store.replace("scan_checkpoints", {"scan_id": scan_id}, [{"scan_id": scan_id, "state": blob, "updated_at": now()}])
         store.execute("UPDATE scans SET tokens_seen = ?, n_contexts = ?, updated_at = ? WHERE scan_id = ?",
@@ -624,9 +636,21 @@ def write_checkpoint(store: Store, scan_id: str, state: ScanState) -> None:
 
 
 def load_checkpoint(store: Store, scan_id: str) -> ScanState | None:
-    """The checkpointed state of a scan, or None. (The blob is this project's own pickle.)"""
+    """The checkpointed state of a scan, or None (no checkpoint, or one that is not reverie plain
+    data, e.g. an old or planted pickle: it is never loaded, a warning says so, and the scan
+    starts over). Reading runs no code from the database (:func:`pipeline.plaindata.loads`)."""
     row = store.fetch_one("SELECT state FROM scan_checkpoints WHERE scan_id = ?", [scan_id])
-    return None if row is None else pickle.loads(row["state"])
+    if row is None:
+        return None
+    try:
+        state = plaindata.loads(row["state"], CHECKPOINT_CLASSES)
+    except plaindata.PlainDataError as e:
+        log.warning("ignoring the checkpoint of scan %s: %s; the scan starts over", scan_id, e)
+        return None
+    if not isinstance(state, ScanState):
+        log.warning("ignoring the checkpoint of scan %s: it holds a %s, not a scan state", scan_id, type(state).__name__)
+        return None
+    return state
 
 
 def write_scan(store: Store, result: ScanResult) -> None:
