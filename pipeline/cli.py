@@ -2,7 +2,10 @@
 
 Commands: ``targets``, ``config show``, ``dream``, ``scan``, ``compare``, ``explain``, ``report``,
 ``nightly``. A :class:`~pipeline.errors.ReverieError` prints its message (no traceback) and
-exits with code 2. SIGINT / SIGTERM stop a command at the next safe point
+exits with its code (2: bad input; 1: the database could not be written); any other error prints
+one line and exits 1; ``reverie --debug <command>`` (or ``REVERIE_DEBUG=1``) shows tracebacks.
+Everything printed passes through the one escaping helper,
+:func:`sae_targets.tokens.display_text`. SIGINT / SIGTERM stop a command at the next safe point
 (:mod:`pipeline.signals`): the run is recorded 'interrupted' and the exit code is 130 / 143.
 ``run.torch_threads`` is applied by :func:`build_config`, before any tensor work.
 """
@@ -24,9 +27,32 @@ import typer
 from pipeline.config import ReverieConfig, dump_toml, load_config
 from pipeline.errors import Interrupted, ReverieError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="reverie: explain SAE latents by dreaming (EPO) and comparing dreams with dataset examples.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="reverie: explain SAE latents by dreaming (EPO) and comparing dreams with dataset examples.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(config_app, name="config")
+
+_DEBUG = {"on": False}
+
+
+def debug_enabled() -> bool:
+    """Whether tracebacks are shown: ``reverie --debug ...`` or ``REVERIE_DEBUG=1``."""
+    import os
+
+    return _DEBUG["on"] or os.environ.get("REVERIE_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (terminal); by default one line per error.")) -> None:
+    """reverie: explain SAE latents by dreaming (EPO) and comparing dreams with dataset examples."""
+    _DEBUG["on"] = debug
+
+
+def safe_text(text: Any) -> str:
+    """``text`` safe for the terminal (:func:`sae_targets.tokens.display_text`, line breaks kept)."""
+    from sae_targets.tokens import display_text
+
+    return display_text(str(text), keep_newlines=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (default: built-in defaults = the demo).", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override a config value: --set dream.iterations=50 (repeatable; value parsed as TOML, else string).")
@@ -78,8 +104,10 @@ def safe_points(fn: Callable) -> Callable:
 def handle_errors(fn: Callable) -> Callable:
     """Run a command with the SIGINT/SIGTERM handlers installed (:func:`pipeline.signals.handle_signals`;
     interruptible at once unless marked with :func:`safe_points`); turn a ReverieError into a
-    one-line message and exit code 2, and an interruption into one line and exit code 130
-    (SIGINT) / 143 (SIGTERM)."""
+    one-line message and its exit code (2 for bad input, 1 when the database cannot be written),
+    any other exception into one line and exit code 1 (the traceback with ``--debug``), and an
+    interruption into one line and exit code 130 (SIGINT) / 143 (SIGTERM). Messages are escaped
+    (:func:`safe_text`)."""
     own_safe_points = getattr(fn, "_reverie_safe_points", False)
 
     @functools.wraps(fn)
@@ -91,12 +119,24 @@ def handle_errors(fn: Callable) -> Callable:
             with handle_signals(), (contextlib.nullcontext() if own_safe_points else interruptible()):
                 return fn(*args, **kwargs)
         except ReverieError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+            if debug_enabled():
+                import traceback
+
+                traceback.print_exc()
+            typer.secho(f"error: {safe_text(e)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except (Interrupted, KeyboardInterrupt) as e:
             i = as_interrupted(e)
             typer.secho(f"stopped: {i}", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(i.exit_code) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - one line unless --debug
+            if debug_enabled():
+                raise
+            typer.secho(f"error: {safe_text(f'{type(e).__name__}: {e}')} (an unexpected error: rerun with `reverie --debug ...` "
+                        "for the traceback)", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -116,10 +156,12 @@ class _TerminalFormatter(logging.Formatter):
     """One line per record: no traceback on the terminal (the log file has it)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if debug_enabled():
+            return safe_text(super().format(record))
         saved = record.exc_info, record.exc_text, record.stack_info
         record.exc_info = record.exc_text = record.stack_info = None
         try:
-            return super().format(record)
+            return safe_text(super().format(record))  # log lines carry untrusted text (file names, LLM errors)
         finally:
             record.exc_info, record.exc_text, record.stack_info = saved
 
@@ -150,6 +192,7 @@ def setup_logging(verbose: bool = False, level: int = logging.INFO) -> None:
     h.addFilter(_TerminalFilter())
     h.setFormatter(_TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(h)
+    logging.raiseExceptions = debug_enabled()  # a log write that fails (disk full) prints no traceback
     want = logging.DEBUG if verbose else logging.INFO
     if root.level == logging.NOTSET or root.level > want:
         root.setLevel(want)
@@ -188,6 +231,7 @@ def targets(
     from sae_targets.selection import select_targets
 
     cfg = build_config(config, set_, **{"targets.latents": latent or None, "targets.n_random": n, "targets.seed": seed, "model.device": device, "project.dir": project_dir})
+    precheck(cfg)
     subject = load_subject(cfg.model, cfg.sae)
     chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
     run_id = record_targets(cfg, subject, chosen, source) if record else None
@@ -231,6 +275,7 @@ def nightly(
     """
     from pipeline.orchestrate import run_nightly
 
+    check_run_option(run_id)
     setup_logging()
     cfg = build_config(config, set_, **{"targets.seed": seed, "targets.n_random": n, "dream.iterations": iterations,
                                         "run.executor": executor, "model.device": device, "project.dir": project_dir})
@@ -244,13 +289,33 @@ def nightly(
         typer.echo(f"dreaming beat the dataset maximum on {s.frac_beats:.0%} of targets"
                    + (f" ({s.frac_beats_in_dist:.0%} at in-distribution CE)" if s.frac_beats_in_dist is not None else ""))
     for note in s.notes:
-        typer.echo(note)
+        typer.echo(safe_text(note))
     for f in s.failures:
-        typer.secho(f"failed: {f}", fg=typer.colors.RED, err=True)
+        typer.secho(f"failed: {safe_text(f)}", fg=typer.colors.RED, err=True)
     typer.echo(f"log: {s.log_file}")
     if s.index_html:
         typer.echo(f"report: {s.index_html}")
     raise typer.Exit(s.exit_code)
+
+
+def precheck(cfg: ReverieConfig) -> None:
+    """Check the configured targets against the SAE's cfg.json before the model loads (seconds
+    earlier than the load would find out): ids within ``d_sae``, no repeated latent in a
+    combination, something to explain (:func:`sae_targets.loading.precheck_targets`).
+
+    Raises:
+        TargetError, LoadError: see there (exit code 2).
+    """
+    from sae_targets.loading import precheck_targets
+
+    precheck_targets(cfg.targets.latents, cfg.targets.combinations, cfg.sae, n_random=cfg.targets.n_random)
+
+
+def check_run_option(run: str | None) -> str | None:
+    """A ``--run`` / ``--run-id`` value checked for use in paths (:func:`pipeline.paths.check_run_id`); None passes."""
+    from pipeline.paths import check_run_id
+
+    return None if run is None else check_run_id(run)
 
 
 def skipped_lines(skipped: dict[str, list[str]], max_ids: int = 8) -> list[str]:
@@ -281,6 +346,7 @@ def report(
     from reports.render import render_reports
     from stages.compare import latest_run_with_dreams
 
+    check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir})
     with Store(cfg.project.path, read_only=True) as store:
         run = run or latest_run_with_dreams(store)
@@ -310,6 +376,7 @@ def explain(
     from stages.explain import explain_available, run_explain
     from stages.explain.stage import score_table
 
+    check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir, "explain.model": model, "explain.base_url": base_url})
     ok, line = explain_available(cfg)
     if not ok:
@@ -336,7 +403,7 @@ def explain(
         typer.echo(f"failure  {f['target_id']:>10}  {f['what']}: {display_text(f['why'][:160])}")
     if len(failures) > 10:
         typer.echo(f"... {len(failures) - 10} more failures in table explain_failures")
-    typer.echo(summary.message)
+    typer.echo(safe_text(summary.message))
 
 
 @app.command()
@@ -367,6 +434,7 @@ def scan(
     cfg = build_config(config, set_, **{"targets.latents": latent or None, "targets.n_random": n, "targets.seed": seed,
                                         "scan.max_tokens": max_tokens, "scan.batch_size": batch_size,
                                         "model.device": device, "project.dir": project_dir})
+    precheck(cfg)
     subject = load_subject(cfg.model, cfg.sae)
     chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
     run_id = record_targets(cfg, subject, chosen, source, kind="scan")
@@ -405,6 +473,7 @@ def compare(
     from pipeline.store import Store
     from stages.compare import format_table, latest_run_with_dreams, run_compare, scan_for_run
 
+    check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir})
     with Store(cfg.project.path) as store:
         run_id = run or latest_run_with_dreams(store)
@@ -454,6 +523,12 @@ def dream(
     t0 = time.time()
     cfg = build_config(config, set_, **{"targets.p": p, "dream.iterations": iterations, "model.device": device, "project.dir": project_dir,
                                         "dream.seeds": list(range(seeds)) if seeds else None, "targets.combine": combine})
+    if latent:
+        from sae_targets.loading import precheck_targets
+
+        precheck_targets(list(latent), [], cfg.sae, combine=combine)  # ids and repeats, before the model loads
+    else:
+        precheck(cfg)
     subject = load_subject(cfg.model, cfg.sae)
     if latent:
         check_latents(list(latent), subject.d_sae)
@@ -542,8 +617,13 @@ def _recorded_run(store: Any, run_id: str, t0: float):
         status, err = ("interrupted", str(as_interrupted(e))) if interrupted else ("failed", f"{type(e).__name__}: {e}")
         try:
             store.finish_run(run_id, status, time.time() - t0, error=err)
-        except Exception:  # noqa: BLE001 - the original error matters more
-            logging.getLogger("reverie.cli").exception("could not record run %s as %s", run_id, status)
+        except Exception as e2:  # noqa: BLE001 - the original error matters more
+            from pipeline.errors import StoreWriteError
+
+            if isinstance(e, StoreWriteError) or isinstance(e2, StoreWriteError):  # the cause is reported once, by the caller
+                logging.getLogger("reverie.cli").debug("could not record run %s as %s: %s", run_id, status, e2)
+            else:
+                logging.getLogger("reverie.cli").exception("could not record run %s as %s", run_id, status)
         if interrupted:
             raise as_interrupted(e) from None
         raise

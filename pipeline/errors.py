@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class ReverieError(Exception):
-    """Base class: a user-facing error. The CLI prints its message without a traceback."""
+    """Base class: a user-facing error. The CLI prints its message without a traceback and exits
+    with :attr:`exit_code` (2: a bad input or configuration)."""
+
+    exit_code = 2
 
 
 class ConfigError(ReverieError):
@@ -17,6 +20,16 @@ class LoadError(ReverieError):
 
 class TargetError(ReverieError):
     """A latent or hook point does not fit the SAE or the model."""
+
+
+class StoreWriteError(ReverieError):
+    """The project database (or a file beside it) could not be written: disk full, read-only
+    filesystem or file, a database invalidated by an earlier write failure. Fatal for the run:
+    unit runners re-raise it instead of recording a unit failure (that write would fail too).
+    Everything committed before it is kept; a rerun resumes. Exit code 1 (the run failed; the
+    input was fine)."""
+
+    exit_code = 1
 
 
 class OfflineError(LoadError):

@@ -7,6 +7,7 @@ import json
 import uuid
 
 from pipeline.config import ReverieConfig
+from pipeline.errors import StoreWriteError
 from pipeline.store import Store
 from sae_targets.loading import Subject
 from sae_targets.selection import Target
@@ -163,6 +164,8 @@ class UnitLedger:
             Interrupted: a signal arrived before or during the unit (nothing of the unit is
                 recorded, so a rerun does it again); KeyboardInterrupt and DuckDB's "Query
                 interrupted" are re-raised as ``Interrupted``, never recorded as failures.
+            StoreWriteError: the database cannot be written (disk full, read-only): fatal for
+                the run, re-raised without recording (that write would fail too).
         """
         from pipeline.signals import as_interrupted, check_interrupt, interruptible, is_interrupt
 
@@ -185,6 +188,8 @@ class UnitLedger:
             if is_interrupt(e):
                 log.warning("%s unit %s interrupted", stage, target_id)
                 raise as_interrupted(e) from None
+            if isinstance(e, StoreWriteError):
+                raise
             log.exception("%s unit %s failed", stage, target_id)
             self.record(target_id, stage, "failed", started, f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
             return False, None
@@ -216,8 +221,18 @@ def _stored_targets(store: Store, run_id: str) -> list[Target]:
 
 
 def _attach_log(path: Path) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(path)
+    from pipeline.errors import ReverieError
+    from pipeline.store import write_failure
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(path)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ReverieError(f"cannot create the log folder {path.parent}: {e.strerror or e} (a file is in the way). "
+                           "Set project.dir (or --project-dir) to a writable folder.") from None
+    except OSError as e:
+        raise write_failure(path, e, doing="create the log file") from None
+    logging.raiseExceptions = False  # a full disk must not print a traceback per log record
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(h)
@@ -248,23 +263,32 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
         :class:`NightlySummary`; ``exit_code`` is 1 if any unit failed.
     Raises:
         ReverieError: the model, SAE or corpus cannot be loaded, or the targets are invalid
-            (the run is recorded 'failed').
+            (the run is recorded 'failed'; latent ids are checked against the SAE's cfg.json
+            before the model loads); ConfigError: an unsafe run id (nothing is written).
+        StoreWriteError: the database cannot be written (disk full, read-only); one message,
+            everything committed is kept and a rerun resumes.
         Interrupted: SIGINT or SIGTERM (or KeyboardInterrupt); the run is recorded 'interrupted'.
     """
-    from sae_targets.loading import load_subject
+    from sae_targets.loading import load_subject, precheck_targets
     from sae_targets.selection import select_targets
 
+    from pipeline.paths import check_run_id
     from pipeline.runtime import apply_torch_threads
     from pipeline.signals import as_interrupted, check_interrupt, is_interrupt
 
     t0 = time.time()
     apply_torch_threads(cfg.run)
-    run_id = run_id or cfg.run.run_id or default_run_id()
+    run_id = check_run_id(run_id or cfg.run.run_id or default_run_id())
     summary = NightlySummary(run_id=run_id)
     project = cfg.project.path
     summary.log_file = project / "logs" / f"{run_id}.log"
     handler = _attach_log(summary.log_file)
-    store = Store(project)
+    try:
+        store = Store(project)
+    except BaseException:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        raise
     executor = None
     error: BaseException | None = None
     prior_wall = 0.0
@@ -277,6 +301,8 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
         ledger = UnitLedger(store, run_id, summary)
         done_before = ledger.done_units() if resumed else {}
         check_interrupt()
+        if not ledger.is_done(RUN_LEVEL, "targets"):  # bad latent ids fail here, before the model loads
+            precheck_targets(cfg.targets.latents, cfg.targets.combinations, cfg.sae, n_random=cfg.targets.n_random)
         subject = load_subject(cfg.model, cfg.sae)
 
         # targets ---------------------------------------------------------------
@@ -393,6 +419,8 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             err_text = str(as_interrupted(error)) if interrupted else f"{type(error).__name__}: {error}"
             if interrupted:
                 log.warning("run %s %s; rerun the same run id to resume", run_id, err_text)
+            elif isinstance(error, StoreWriteError):
+                log.error("run %s stopped: %s", run_id, err_text)
             else:
                 log.error("run %s failed: %s", run_id, err_text, exc_info=(type(error), error, error.__traceback__))
         try:
@@ -402,8 +430,11 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
                 "frac_beats": summary.frac_beats, "frac_beats_in_dist": summary.frac_beats_in_dist,
                 "failures": summary.failures, "session_wall_s": summary.wall_s,
             }, error=err_text)
-        except Exception:  # noqa: BLE001 - the original error (if any) matters more
-            log.exception("could not record run %s as %s", run_id, status)
+        except Exception as e:  # noqa: BLE001 - the original error (if any) matters more
+            if isinstance(error, StoreWriteError) or isinstance(e, StoreWriteError):
+                log.warning("could not record run %s as %s: %s", run_id, status, e)  # one line: the cause is already reported
+            else:
+                log.exception("could not record run %s as %s", run_id, status)
         finally:
             store.close()
             log.info("run %s %s: %d done, %d failed, %d skipped in %.1f s (%.1f s over all sessions)", run_id, status,

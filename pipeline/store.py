@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from pipeline.errors import ReverieError
+from pipeline.errors import ReverieError, StoreWriteError
 
 DB_NAME = "reverie.duckdb"
 _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -63,9 +63,67 @@ def code_version() -> str:
     return f"{ver}+{sha}{'-dirty' if dirty else ''}" if sha else ver
 
 
+def free_space(path: str | Path) -> str:
+    """Free space on the filesystem holding ``path`` (or its nearest existing parent), e.g. '1.2 GiB free', or 'free space unknown'."""
+    import shutil
+
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "free space unknown"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit} free"
+    return f"{free} bytes free"
+
+
+_WRITE_ERRORS = (duckdb.IOException, duckdb.FatalException, OSError)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether a database error means the file cannot be written (disk full, read-only, invalidated)."""
+    if isinstance(exc, StoreWriteError):
+        return False
+    if isinstance(exc, _WRITE_ERRORS):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.Error) and any(k in text for k in ("invalidated", "no space left", "read-only file system", "disk full"))
+
+
+def write_failure(path: str | Path, exc: BaseException, doing: str = "write to") -> StoreWriteError:
+    """The one clear message for a failed write: what failed, the path, the free space, what to do."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if len(first) > 300:
+        first = first[:300] + "…"
+    folder = Path(path).parent
+    return StoreWriteError(
+        f"cannot {doing} {path}: {type(exc).__name__}: {first} ({free_space(folder)} on {folder}). "
+        "Everything committed before this is kept: free disk space (or make the folder and file writable, or set project.dir "
+        "to another folder), then rerun the same command; a nightly resumes its run id.")
+
+
 def now() -> dt.datetime:
     """Current UTC time (naive, as DuckDB TIMESTAMP stores it)."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def open_failure(path: Path, exc: BaseException) -> ReverieError:
+    """The message for a database that cannot be opened: locked by another writer, unwritable, or not a DuckDB file."""
+    text = str(exc)
+    low = text.lower()
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    if "lock" in low:
+        return ReverieError(f"cannot open {path}: {first}. DuckDB allows one writer process at a time: "
+                            "wait for the other reverie process to finish, or use another project.dir")
+    if any(k in low for k in ("permission denied", "read-only", "no space left")):
+        return write_failure(path, exc, doing="open")
+    return ReverieError(f"{path} is not a readable reverie database ({type(exc).__name__}: {first}): the file is truncated, corrupt "
+                        "or not a DuckDB file. Move it aside (reverie then starts a new database there; finished work in it is lost "
+                        "unless you restore it from a backup), or set project.dir to another folder.")
 
 
 class Store:
@@ -84,19 +142,42 @@ class Store:
         self.path = self.project_dir / DB_NAME
         self.read_only = read_only
         if not read_only:
-            self.project_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.project_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ReverieError(
+                    f"cannot create the project folder {self.project_dir}: {e.strerror or e} "
+                    f"({'a file is in the way' if isinstance(e, (FileExistsError, NotADirectoryError)) else free_space(self.project_dir)}). "
+                    "Set project.dir (or --project-dir) to a writable folder.") from None
         elif not self.path.exists():
             raise ReverieError(f"no reverie database at {self.path}; run a stage first (e.g. `reverie targets`) or fix project.dir")
+        elif self.path.is_dir():
+            raise ReverieError(f"{self.path} is a folder, not a database file; move it aside or fix project.dir")
         try:
             self.conn = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as e:
-            raise ReverieError(
-                f"cannot open {self.path}: {e}. DuckDB allows one writer process at a time: "
-                "wait for the other reverie process to finish, or use another project.dir"
-            ) from None
+        except duckdb.Error as e:
+            raise open_failure(self.path, e) from None
         self._in_txn = False
         if not read_only:
-            self.migrate()
+            try:
+                self.migrate()
+            except ReverieError:
+                self.conn.close()
+                raise
+            except duckdb.Error as e:
+                self.conn.close()
+                raise open_failure(self.path, e) from None
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a failed write (disk full, read-only file, invalidated database) into one
+        :class:`~pipeline.errors.StoreWriteError` naming the path and the free space."""
+        try:
+            yield
+        except BaseException as e:
+            if _is_write_failure(e):
+                raise write_failure(self.path, e) from None
+            raise
 
     # ------------------------------------------------------------------ schema
     @property
@@ -145,15 +226,20 @@ class Store:
         if self._in_txn:
             yield self
             return
-        self.conn.execute("BEGIN TRANSACTION")
+        with self._writing():
+            self.conn.execute("BEGIN TRANSACTION")
         self._in_txn = True
         try:
             yield self
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            try:
+                self.conn.execute("ROLLBACK")
+            except duckdb.Error:  # the database may be invalidated by the very failure being raised
+                pass
             raise
         else:
-            self.conn.execute("COMMIT")
+            with self._writing():
+                self.conn.execute("COMMIT")
         finally:
             self._in_txn = False
 
@@ -179,12 +265,16 @@ class Store:
                 v = r[c]
                 data[c].append(json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
         batch = pa.table(data)
-        self.conn.register("_reverie_batch", batch)
-        try:
-            col_sql = ", ".join(f'"{c}"' for c in cols)
-            self.conn.execute(f'INSERT INTO "{table}" ({col_sql}) SELECT {col_sql} FROM _reverie_batch')
-        finally:
-            self.conn.unregister("_reverie_batch")
+        with self._writing():
+            self.conn.register("_reverie_batch", batch)
+            try:
+                col_sql = ", ".join(f'"{c}"' for c in cols)
+                self.conn.execute(f'INSERT INTO "{table}" ({col_sql}) SELECT {col_sql} FROM _reverie_batch')
+            finally:
+                try:
+                    self.conn.unregister("_reverie_batch")
+                except duckdb.Error:
+                    pass
         return len(rows)
 
     def delete(self, table: str, where: Mapping[str, Any]) -> None:
@@ -192,7 +282,8 @@ class Store:
         if not where:
             raise ReverieError(f"refusing to delete every row of {table}")
         cond = " AND ".join(f'"{k}" = ?' for k in where)
-        self.conn.execute(f'DELETE FROM "{table}" WHERE {cond}', list(where.values()))
+        with self._writing():
+            self.conn.execute(f'DELETE FROM "{table}" WHERE {cond}', list(where.values()))
 
     def replace(self, table: str, where: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> int:
         """Delete the rows matching ``where`` and insert ``rows``, in one transaction.
@@ -204,8 +295,13 @@ class Store:
             return self.insert(table, rows)
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
-        """Run one write statement (for updates the helpers above do not cover)."""
-        self.conn.execute(sql, params or [])
+        """Run one write statement (for updates the helpers above do not cover).
+
+        Raises:
+            StoreWriteError: the database cannot be written (disk full, read-only).
+        """
+        with self._writing():
+            self.conn.execute(sql, params or [])
 
     # ------------------------------------------------------------------ reads
     def fetch(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
@@ -226,7 +322,7 @@ class Store:
         with self.transaction():
             existing = self.fetch_one("SELECT run_id FROM runs WHERE run_id = ?", [run_id])
             if existing:
-                self.conn.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL WHERE run_id = ?", [run_id])
+                self.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL WHERE run_id = ?", [run_id])
                 return False
             self.insert("runs", [{
                 "run_id": run_id, "kind": kind, "config_json": config_json, "config_hash": config_hash,
@@ -252,7 +348,7 @@ class Store:
         """
         if status not in self.RUN_STATUSES:
             raise ReverieError(f"unknown run status {status!r}; one of {', '.join(self.RUN_STATUSES)}")
-        self.conn.execute(
+        self.execute(
             "UPDATE runs SET status = ?, ended_at = ?, wall_s = coalesce(?, wall_s), summary_json = ?, error = ? WHERE run_id = ?",
             [status, now(), wall_s, json.dumps(dict(summary or {}), sort_keys=True, default=str), error, run_id],
         )
@@ -264,7 +360,7 @@ class Store:
 
     def set_report_key(self, run_id: str, key: str | None) -> None:
         """Store the key of the inputs a run's report was rendered from (None: none rendered)."""
-        self.conn.execute("UPDATE runs SET report_key = ? WHERE run_id = ?", [key, run_id])
+        self.execute("UPDATE runs SET report_key = ? WHERE run_id = ?", [key, run_id])
 
     def close(self) -> None:
         """Close the connection (the file lock is released)."""

@@ -113,9 +113,14 @@ def select_targets(subject: Subject, tcfg: TargetsConfig, corpus: CorpusConfig) 
         TargetError: a latent id out of range, or too few alive latents.
     """
     explicit = list(dict.fromkeys(tcfg.latents))
+    if not explicit and not tcfg.combinations and tcfg.n_random <= 0:
+        raise TargetError("nothing to explain: targets.latents and targets.combinations are empty and targets.n_random = 0; "
+                          "set targets.n_random >= 1 (or --n 1), or list latents (targets.latents / --latent)")
     check_latents(explicit, subject.d_sae)
     for combo in tcfg.combinations:
         check_latents(combo, subject.d_sae)
+        if len(set(combo)) != len(combo):
+            raise TargetError(f"targets.combinations entry {combo} repeats a latent; a combination needs distinct latents")
         if len(combo) < 2:
             raise TargetError(f"targets.combinations entry {combo} has fewer than 2 latents; put single latents in targets.latents")
     dens, source = log10_densities(subject, tcfg, corpus)

@@ -52,15 +52,24 @@ def _escape_char(ch: str) -> str:
     return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
 
 
-def display_text(text: str) -> str:
+def display_text(text: str, keep_newlines: bool = False) -> str:
     """Text in the display convention (see the module docstring): one printable line.
+
+    This is the one escaping helper for anything untrusted shown on a terminal (token pieces,
+    dream prompts, dataset examples, LLM explanations, error messages, log lines): ESC, BEL and
+    every other control or invisible character comes out as a visible escape, so no byte
+    sequence from a corpus, a model or an LLM proxy can drive the operator's terminal.
 
     Args:
         text: any string (lone surrogates U+DC80–U+DCFF stand for undecodable bytes and are
             shown as ``\\xNN``).
+        keep_newlines: keep ``\\n`` as a real line break (multi-line messages); everything
+            else is escaped as usual.
     Returns:
-        The display string; :func:`from_display` inverts it.
+        The display string; :func:`from_display` inverts it (with ``keep_newlines=False``).
     """
+    if keep_newlines:
+        return "\n".join(display_text(line) for line in str(text).split("\n"))
     return "".join(_escape_char(ch) for ch in text)
 
 
