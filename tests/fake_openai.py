@@ -16,7 +16,9 @@ Faults are injected per request, in order (:meth:`FakeOpenAI.inject`), or for ev
 body contains a substring (:meth:`FakeOpenAI.fail_when`): ``rate_limit`` (429 + ``retry-after``),
 ``server_error`` (500), ``slow`` (sleeps past the client timeout, then answers), ``malformed``
 (200 with invalid JSON), ``empty_choices`` (200 with ``choices: []``), ``echo_key`` (500 whose
-body repeats the request's Authorization header, to test redaction).
+body repeats the request's Authorization header, to test redaction), and untrusted answers (issue 16):
+``refusal`` (200: "I'm sorry, but I can't help with that."), ``escape`` (200: an explanation laden with
+ESC / BEL terminal control sequences), ``huge`` (200: an answer of :data:`HUGE_CHARS` characters).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("rate_limit", "server_error", "slow", "malformed", "empty_choices", "echo_key")
+FAULTS = ("rate_limit", "server_error", "slow", "malformed", "empty_choices", "echo_key", "refusal", "escape", "huge")
+REFUSAL = "I'm sorry, but I can't help with that."
+ESCAPE_ANSWER = 'Explanation: fires on \x1b[31m"red"\x1b[0m words\x07 and \x1b]0;pwned\x07 titles.'
+HUGE_CHARS = 1_500_000
 _QUOTED = re.compile(r'"([^"]+)"')
 _EXAMPLE = re.compile(r"^Example (\d+): (.*)$", re.M)
 _MARKED = re.compile(r"^(.*)\t(\d+)$", re.M)
@@ -126,6 +131,12 @@ class FakeOpenAI:
                     self._send_raw(200, b'{"id": "x", "choices": [{"message": {"content": "unterminated', "application/json")
                 elif fault == "empty_choices":
                     self._send(200, completion(body, None, state.model))
+                elif fault == "refusal":
+                    self._send(200, completion(body, REFUSAL, state.model))
+                elif fault == "escape":
+                    self._send(200, completion(body, ESCAPE_ANSWER, state.model))
+                elif fault == "huge":
+                    self._send(200, completion(body, "Explanation: fires on " + "very " * (HUGE_CHARS // 5), state.model))
                 else:
                     if fault == "slow":
                         time.sleep(state.slow_s)

@@ -13,6 +13,9 @@ cache in DuckDB, token usage and cost per call, and a budget cap.
   earlier invocations included) is compared with ``explain.budget_tokens`` / ``budget_usd``; at
   the cap the stage stops. Requests already in flight finish, so the cap can be exceeded by at
   most ``max_concurrency`` requests.
+* Untrusted answers: each answer is cut to ``explain.max_answer_chars`` before it is cached (its
+  received length is kept in ``llm_cache.answer_chars``); the cache is the one place an answer is
+  stored (``explanations.prompt_hash`` points at it).
 * Secrets: the API key lives only inside the openai client; every error text that leaves this
   module passes through :func:`redact`.
 """
@@ -76,13 +79,16 @@ def cache_key(model: str, messages: list[dict[str, str]], params: dict[str, Any]
 
 @dataclass(frozen=True)
 class Completion:
-    """An answer: its text, cache key and usage (tokens; ``cached`` answers cost nothing)."""
+    """An answer: its text (cut to ``explain.max_answer_chars``), cache key and usage (tokens;
+    ``cached`` answers cost nothing); ``answer_chars`` is its length as received (larger than
+    ``len(text)`` when it was cut)."""
 
     text: str
     key: str
     prompt_tokens: int
     completion_tokens: int
     cached: bool
+    answer_chars: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,8 @@ class LLMClient:
         if hit is not None:
             pt, ct = int(hit["prompt_tokens"] or 0), int(hit["completion_tokens"] or 0)
             self.calls.append(CallRecord(target_id, purpose, key, model, True, 0, pt, ct, 0.0, time.perf_counter() - t0, now()))
-            return Completion(hit["response_text"], key, pt, ct, True)
+            text = hit["response_text"]
+            return Completion(text, key, pt, ct, True, int(hit.get("answer_chars") or len(text)))
         async with self._sem:
             if self.stopped:
                 raise StageStop(self.stopped)
@@ -293,14 +300,17 @@ class LLMClient:
             except Exception as e:  # noqa: BLE001 - every failure is reported redacted
                 raise LLMError(f"{purpose} failed after {attempts} attempt(s): {self._describe(e)}") from None
         text = response.choices[0].message.content
+        received = len(text)
+        text = text[: self.cfg.max_answer_chars]  # untrusted: capped before it is stored (once, here)
         usage = response.usage
         pt = int(usage.prompt_tokens) if usage and usage.prompt_tokens is not None else sum(len(m["content"]) for m in messages) // 4
-        ct = int(usage.completion_tokens) if usage and usage.completion_tokens is not None else len(text) // 4
+        ct = int(usage.completion_tokens) if usage and usage.completion_tokens is not None else received // 4
         cost = self._cost(pt, ct)
         self.budget.add(pt + ct, cost)
-        self.cache.put({"key": key, "model": model, "response_text": text, "prompt_tokens": pt, "completion_tokens": ct, "created_at": now()})
+        self.cache.put({"key": key, "model": model, "response_text": text, "prompt_tokens": pt, "completion_tokens": ct,
+                        "created_at": now(), "answer_chars": received})
         self.calls.append(CallRecord(target_id, purpose, key, model, False, attempts, pt, ct, cost, time.perf_counter() - t0, now()))
-        return Completion(text, key, pt, ct, False)
+        return Completion(text, key, pt, ct, False, received)
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

@@ -54,6 +54,53 @@ class ParseError(ValueError):
     """An LLM answer could not be read (the message quotes the start of the answer)."""
 
 
+class UnusableAnswer(ParseError):
+    """An LLM answer that must not be used: empty, a refusal, or longer than ``explain.max_answer_chars``.
+    Recorded as a failure (``explain_failures``), never as an explanation or a baseline."""
+
+
+# a refusal opens the answer (or its explanation sentence); narrow on purpose, so that an explanation that merely
+# mentions apologies ("fires on 'sorry' in dialogue") is not taken for one
+_REFUSAL = re.compile(
+    r"^\W*(?:explanation\s*[:\-–]\s*)?(?:"
+    r"(?:i['’]?m|i am) (?:so |very |really )?sorry\b|sorry,? (?:but )?i\b|i apologi[sz]e\b|my apologies\b|unfortunately,? i\b"
+    r"|as an ai\b|as a language model\b"
+    r"|i (?:can(?:no|['’])t|can not|won['’]t|will not|am unable to|['’]m unable to|am not able to|['’]m not able to)"
+    r" (?:help|assist|comply|provide|do|answer|fulfil|complete|determine|identify|tell|see)\b"
+    r")", re.I)
+
+
+def quote_start(text: str, n: int = 80) -> str:
+    """The start of an answer for a failure message: at most ``n`` characters, repr-quoted (escapes shown)."""
+    return repr(text[:n] + ("…" if len(text) > n else ""))
+
+
+def check_answer(text: str | None, answer_chars: int | None, max_chars: int) -> str:
+    """Reject an LLM answer that must not be used.
+
+    Args:
+        text: the answer (possibly already cut to ``max_chars``).
+        answer_chars: the answer's length as received (None: ``len(text)``).
+        max_chars: ``explain.max_answer_chars``.
+    Returns:
+        ``text`` unchanged when usable.
+    Raises:
+        UnusableAnswer: empty (or whitespace only), over-long (received > ``max_chars``), or a refusal
+            ("I'm sorry, but I can't help ...", "As an AI ..."); the message says which and quotes the start.
+    """
+    text = text or ""
+    received = len(text) if answer_chars is None else int(answer_chars)
+    if not text.strip():
+        raise UnusableAnswer("empty answer: the model returned no text")
+    if received > max_chars:
+        raise UnusableAnswer(f"over-long answer: {received:,} characters > explain.max_answer_chars = {max_chars:,} "
+                             f"(kept only its first {max_chars:,}); it starts {quote_start(text)}")
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    if _REFUSAL.search(text.strip()) or (lines and _REFUSAL.search(lines[-1].strip())):
+        raise UnusableAnswer(f"refusal: the model declined the task; the answer starts {quote_start(text.strip())}")
+    return text
+
+
 def escape_token(token: str) -> str:
     """Raw text as one printable line, in the display convention of
     :func:`sae_targets.tokens.display_text` (backslash, newline, carriage return, tab and other

@@ -14,7 +14,9 @@ For every target of a run (table ``targets``):
 
 Compute (:func:`compute_explain`, async, returns an :class:`ExplainResult`) is split from writing
 (:func:`write_explain`). Failures of one target are recorded in ``explain_failures`` and the others
-finish; a budget cap or a refused key stops the stage cleanly with a message.
+finish. LLM answers are untrusted: an empty, refused or over-long answer (:func:`stages.explain.prompts.check_answer`)
+is a failure, never an explanation, so it is neither scored nor used as another target's baseline;
+an answer is stored once (capped, in ``llm_cache``); a budget cap or a refused key stops the stage cleanly with a message.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pipeline.errors import ReverieError
 from pipeline.store import Store, now
 from stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
 from stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
-from stages.explain.prompts import ParseError, detection_messages, explanation_messages, parse_explanation, parse_labels
+from stages.explain.prompts import ParseError, check_answer, detection_messages, explanation_messages, parse_explanation, parse_labels
 from stages.explain.scoring import DetectionMetrics, detection_metrics
 
 log = logging.getLogger("reverie.explain")
@@ -54,7 +56,7 @@ class Explanation:
     target_id: str
     source: str
     text: str
-    raw_text: str
+    raw_text: str | None  # None: the whole answer is stored once, in llm_cache (key = prompt_hash)
     prompt_hash: str
     n_dataset: int
     n_dreams: int
@@ -195,9 +197,10 @@ class _Stage:
         note = inp.notes.get("combination") if dataset else None
         messages = explanation_messages(dataset, dreams, note)
         c = await self.client.complete(messages, f"explain:{source}", inp.target_id)
-        text = parse_explanation(c.text)
+        check_answer(c.text, c.answer_chars, self.cfg.explain.max_answer_chars)  # refusal / empty / over-long: a failure
+        text = check_answer(parse_explanation(c.text), None, self.cfg.explain.max_answer_chars)
         eid = f"{self.result.run_id}/{inp.target_id}/{source}"
-        return Explanation(eid, inp.target_id, source, text, c.text, c.key, len(dataset), len(dreams), c.prompt_tokens, c.completion_tokens)
+        return Explanation(eid, inp.target_id, source, text, None, c.key, len(dataset), len(dreams), c.prompt_tokens, c.completion_tokens)
 
     async def detect(self, inp: TargetInputs, explanation: Explanation, scored: Explanation, holdout_set: str) -> Score | None:
         """Label this target's held-out set with ``scored``'s text; metrics over the readable batches."""
@@ -210,7 +213,7 @@ class _Stage:
 
         async def label(batch: list[HeldOut]) -> list[bool]:
             c = await self.client.complete(detection_messages(scored.text, [h.text for h in batch]), what, inp.target_id)
-            return parse_labels(c.text, len(batch))
+            return parse_labels(check_answer(c.text, c.answer_chars, self.cfg.explain.max_answer_chars), len(batch))
 
         outcomes = await asyncio.gather(*(self.guarded(inp.target_id, f"{what} batch {i}", label(b)) for i, b in enumerate(batches)))
         truth, pred = [], []
