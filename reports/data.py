@@ -183,6 +183,20 @@ class ScanInfo:
     created_at: dt.datetime | None
     chosen_by: str  # 'comparison' | 'latest covering scan'
     bands: dict[str, dict[str, float | None]] = field(default_factory=dict)  # convention ('all'|'rest') → p10, p50, mean, std, in_dist
+    corpus_counts: dict[str, int] = field(default_factory=dict)  # scans.corpus_* (issue 16): documents, bad_lines, no_text, bad_bytes, cleaned_chars
+
+    @property
+    def corpus_note(self) -> str | None:
+        """What reading the corpus skipped or repaired, e.g. '2,000 documents read; 3 skipped (…)'; None for scans before issue 16."""
+        c = self.corpus_counts
+        if not c:
+            return None
+        parts = [f"{c.get('documents', 0):,} documents read"]
+        skipped = c.get("bad_lines", 0) + c.get("no_text", 0)
+        parts.append(f"{skipped:,} skipped ({c.get('bad_lines', 0):,} unparsable lines, {c.get('no_text', 0):,} without text)")
+        parts.append(f"{c.get('bad_bytes', 0):,} invalid UTF-8 bytes replaced")
+        parts.append(f"{c.get('cleaned_chars', 0):,} control characters / lone surrogates cleaned")
+        return "; ".join(parts)
 
     @property
     def corpus_label(self) -> str:
@@ -480,6 +494,8 @@ def _find_scan(rd: _Reader, target: dict[str, Any], scan_id: str | None) -> Scan
         bands={"all": {"p10": r.get("ce_p10"), "p50": r.get("ce_p50"), "mean": r["ce_mean"], "std": r["ce_std"], "in_dist": r["in_dist_threshold"]},
                "rest": {"p10": r.get("ce_rest_p10"), "p50": r.get("ce_rest_p50"), "mean": r.get("ce_rest_mean"), "std": r.get("ce_rest_std"),
                         "in_dist": r.get("ce_rest_in_dist_threshold")}},
+        corpus_counts={k: int(r[f"corpus_{k}"]) for k in ("documents", "bad_lines", "no_text", "bad_bytes", "cleaned_chars")
+                       if r.get(f"corpus_{k}") is not None},
     )
 
 
