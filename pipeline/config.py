@@ -285,16 +285,14 @@ def _format_validation_error(err: ValidationError, source: str, overridden: tupl
         dotted = ".".join(loc)
         flag = next((k for k in overridden if dotted == k or dotted.startswith(k + ".")), None)
         msg = e["msg"].removeprefix("Value error, ")
-        if flag is not None:
-            lines.append(f"  {dotted} (given on the command line, --set {flag}=... or its own flag, not in {source}): {msg}")
-            continue
+        origin = f" (given on the command line, --set {flag}=... or its own flag, not in {source})" if flag is not None else ""
         if e["type"] == "extra_forbidden":
             key = loc[-1]
             section = ".".join(loc[:-1]) or "top level"
-            lines.append(f"  unknown key '{key}' in section [{section}]; check the spelling against `reverie config show`")
+            lines.append(f"  unknown key '{key}' in section [{section}]{origin}; check the spelling against `reverie config show`")
         else:
             where = ".".join(loc) or "top level"
-            lines.append(f"  {where}: {msg}")
+            lines.append(f"  {where}{origin}: {msg}")
     return "\n".join(lines)
 
 
