@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import click
 import typer
 
 from pipeline.config import ReverieConfig, dump_toml, load_config
@@ -129,7 +130,7 @@ def handle_errors(fn: Callable) -> Callable:
             i = as_interrupted(e)
             typer.secho(f"stopped: {i}", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(i.exit_code) from None
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Exit, typer.Abort, SystemExit, click.ClickException):
             raise
         except Exception as e:  # noqa: BLE001 - one line unless --debug
             if debug_enabled():
