@@ -99,6 +99,11 @@ def default_run_id() -> str:
     return f"nightly-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d')}"
 
 
+import errno as _errno
+
+_DISK_ERRNOS = {_errno.ENOSPC, _errno.EROFS, getattr(_errno, "EDQUOT", _errno.ENOSPC)}
+
+
 class UnitLedger:
     """Reads and writes the ``units`` table of one run (through the store)."""
 
@@ -164,8 +169,9 @@ class UnitLedger:
             Interrupted: a signal arrived before or during the unit (nothing of the unit is
                 recorded, so a rerun does it again); KeyboardInterrupt and DuckDB's "Query
                 interrupted" are re-raised as ``Interrupted``, never recorded as failures.
-            StoreWriteError: the database cannot be written (disk full, read-only): fatal for
-                the run, re-raised without recording (that write would fail too).
+            StoreWriteError: the database (or, from an ``OSError`` ENOSPC / EROFS / EDQUOT, any
+                file such as a report) cannot be written: fatal for the run, raised without
+                recording the unit (that write would fail too).
         """
         from pipeline.signals import as_interrupted, check_interrupt, interruptible, is_interrupt
 
@@ -190,6 +196,11 @@ class UnitLedger:
                 raise as_interrupted(e) from None
             if isinstance(e, StoreWriteError):
                 raise
+            if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:  # a full or read-only disk fails every later unit too
+                from pipeline.store import write_failure
+
+                where = e.filename or (self.store.project_dir / ("reports" if stage == "report" else ""))
+                raise write_failure(where, e) from None
             log.exception("%s unit %s failed", stage, target_id)
             self.record(target_id, stage, "failed", started, f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
             return False, None

@@ -192,10 +192,10 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, An
         OfflineError: a hub name while the hub is unreachable.
         LoadError: missing folder, missing config.json, unreadable or corrupt weights.
     """
-    from transformer_lens import HookedTransformer
-
     dtype = _DTYPES[cfg.dtype]
     if cfg.name:
+        from transformer_lens import HookedTransformer  # a heavy import (seconds): only once the paths are known to be right
+
         fix = "Set model.path to a local Hugging Face model directory (e.g. '{shared}/models/tinystories-656k'), or fill the HF cache while online."
         check_hub_reachable(f"model {cfg.name!r}", fix)
         try:
@@ -214,6 +214,7 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, An
     if not (model_dir / "config.json").exists():
         raise LoadError(f"{model_dir} has no config.json: not a Hugging Face model directory. Set model.path to the folder that holds "
                         "config.json, the weights (*.safetensors) and the tokenizer (e.g. '{shared}/models/tinystories-656k'), or model.name for the hub.")
+    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as lfp
     from transformers import AutoModelForCausalLM
 
@@ -342,6 +343,12 @@ def check_fit(model: Any, sae: Any, model_key: str, expected_model: str | None =
     Raises:
         TargetError: the hook point is not in the model, or ``d_in`` differs from the hook's width.
     """
+    from sae_targets.activations import check_architecture
+
+    try:
+        check_architecture(sae)
+    except ValueError as e:
+        raise TargetError(str(e)) from None
     meta = sae.cfg.metadata
     hook_name = meta.hook_name
     if hook_name not in model.hook_dict:
