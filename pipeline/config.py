@@ -188,8 +188,8 @@ class ScanConfig(Section):
     batch_size: int = Field(32, ge=1, description="Contexts per forward pass.")
     top_k: int = Field(64, ge=1, description="Top-activating contexts kept per latent.")
     example_window: int = Field(24, ge=2, description="Tokens shown around each example's max (before it, and a few after).")
-    quantile_samples: int = Field(5, ge=0, description="Examples kept per activation decile (for explanation scoring).")
-    random_samples: int = Field(20, ge=0, description="Random non-firing contexts kept per latent.")
+    quantile_samples: int = Field(12, ge=0, description="Examples kept per activation decile (for explanation scoring: half are shown, half held out, so 10 deciles × 12 / 2 = up to 60 held-out activating examples).")
+    random_samples: int = Field(60, ge=0, description="Random non-firing contexts kept per latent (negatives for explanation scoring).")
     hist_bins: int = Field(50, ge=2, description="Bins of the activation histogram.")
     window_ce_samples: int = Field(1024, ge=1, description="Random dream-length windows used for the corpus CE mean ± σ.")
     baseline_prompts: int = Field(1024, ge=1, description="Random-token prompts of dream length for the random-prompt baseline (paper §3.5).")
@@ -198,6 +198,9 @@ class ScanConfig(Section):
     random_prompt_examples: int = Field(20, ge=0, description="Random baseline prompts stored per latent as kind='random_prompt' examples (negatives when scoring explanations on dreams).")
     on_bad_document: Literal["skip", "fail"] = Field("skip", description="A corpus document that cannot be read (an unparsable JSON line, no text field): 'skip' it and count it (the counts are stored with the scan and shown on the report's index), or 'fail' the scan naming the file and line. Invalid UTF-8 bytes are always replaced (and counted), control characters and lone surrogates always cleaned before tokenization.")
     window_search_top: int = Field(64, ge=0, description="Top contexts per latent (by in-context max) whose every full-length (dream-length) window is evaluated alone after BOS; the Pareto frontier of those windows is the dataset side of the comparison (0 = none searched). May exceed top_k (more contexts are kept in the pass than shown; cost grows linearly); benchmarks/window_search.py measures how close it comes to an exhaustive pass.")
+    cooccurrence_window: int = Field(16, ge=0, description="Tokens per window for latent co-occurrence (issue 12): each context is cut into consecutive windows of this many tokens, and for every target latent the pass counts the windows where it and each of all d_sae latents fire (Jaccard ranks the co-occurrence neighbours). 0 = not counted. Needs every latent's activations (one full SAE encode per batch) and O(targets × d_sae) memory; skipped when that exceeds 5e7 counts (e.g. scan.all_latents on a wide SAE).")
+    hard_negative_samples: int = Field(40, ge=0, description="Contexts kept per latent where one of its decoder-cosine neighbours fires and it does not (hard negatives for explanation scoring; delphi's neighbour examples). 0 = none.")
+    hard_negative_neighbours: int = Field(5, ge=1, description="Decoder-cosine neighbours per latent whose firing makes a context a hard-negative candidate.")
 
 
 class CompareConfig(Section):
@@ -223,8 +226,12 @@ class ExplainConfig(Section):
     backoff_max_s: float = Field(60.0, gt=0, description="Longest backoff wait in seconds (a server's retry-after is honoured up to 60 s).")
     max_completion_tokens: int = Field(200, ge=1, description="Completion token cap per request.")
     n_examples: int = Field(20, ge=1, description="Examples (or dreams) shown per explanation prompt; source 'both' shows half of each.")
-    n_holdout: int = Field(10, ge=1, description="Held-out examples per class for detection scoring.")
-    detection_batch: int = Field(10, ge=1, description="Held-out examples labelled per detection request (delphi-style batches).")
+    n_holdout: int = Field(50, ge=1, description="Held-out activating examples per score (and non-activating examples, unless n_holdout_negative is set); delphi uses 100 + 100. When the scan or the dreams hold fewer, the score uses what exists and records both numbers (explain_scores.n_pos / n_pos_wanted); the page says so.")
+    n_holdout_negative: int | None = Field(None, ge=1, description="Held-out non-activating examples per score (None = n_holdout).")
+    hard_negative_share: float = Field(0.5, ge=0, le=1, description="Share of the dataset non-activating examples drawn from hard negatives (contexts where a decoder-cosine neighbour fires and this latent does not; scan.hard_negative_samples); the rest are random non-firing contexts. Fewer hard negatives than the share: random contexts fill in.")
+    fuzzing: bool = Field(True, description="Also score by fuzzing (delphi): the scorer sees held-out examples with tokens marked, the activating examples marked correctly or at wrongly chosen tokens, the non-activating ones at random tokens, and says whether the marks match the explanation.")
+    detection_batch: int = Field(10, ge=1, description="Held-out examples labelled per scoring request (detection and fuzzing; delphi-style batches).")
+    ci_bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples (stratified by class) for the 95% intervals of balanced accuracy and F1; precision and recall use Wilson intervals.")
     seed: int = Field(0, description="Seed of the held-out example shuffle (the same order for an explanation and its baseline).")
     max_answer_chars: int = Field(4000, ge=100, description="Longest LLM answer kept, in characters: a longer answer is cut to this length before it is cached and recorded as a failure ('over-long answer'), never used as an explanation.")
 

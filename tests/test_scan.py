@@ -153,7 +153,7 @@ def test_killed_scan_resumes_to_the_rows_of_an_uninterrupted_scan(demo_cfg, subj
     assert resumed == fresh
     assert len(fresh["scan_examples"]) > 30 and fresh["scans"][0]["ce_mean"] > 0
     kinds = {r["kind"] for r in fresh["scan_examples"]}
-    assert kinds == {"top", "quantile", "random", "random_prompt"}
+    assert kinds == {"top", "quantile", "random", "random_prompt", "hard_negative"}
 
     # the key follows what changes rows, not batching
     assert scan_key(_small(cfg_f, **{"scan.batch_size": 9}), subject, targets) == scan_key(_small(cfg_f), subject, targets)

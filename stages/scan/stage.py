@@ -47,13 +47,16 @@ from sae_targets.selection import Target
 from stages.scan.topk import AdaptiveHistogram, BottomKSample, Candidate, QuantileSampler, StreamingTopK, priorities
 from stages.scan.windows import baselines, evaluate_windows, hook_acts_of_prompts, random_prompts
 from stages.scan.search import WindowSet, ce_bands, evaluate_matched, pareto_mask, search_contexts
+from stages.scan.cofire import cooccurrence_top, update_cofiring
+from stages.features import NEIGHBOURS_K, ensure_features, neighbour_rows
 
 log = logging.getLogger("reverie.scan")
 
-SCAN_VERSION = 2  # bump when the scan's definition changes (invalidates cached scans)
+SCAN_VERSION = 3  # bump when the scan's definition changes (invalidates cached scans)
 N_DECILES = 10
 BASELINE_SEED = 0
 # salts of the independent pseudo-random streams (see topk.priorities)
+MAX_COOC_COUNTS = 50_000_000  # co-occurrence counts (targets × d_sae) the pass keeps at most
 _SALT_QUANTILE, _SALT_NONFIRING, _SALT_NONFIRING_POS, _SALT_WINDOW, _SALT_WINDOW_POS = 1, 2, 3, 4, 5
 
 
@@ -83,6 +86,8 @@ def scan_settings(cfg: ReverieConfig, subject: Subject) -> dict[str, Any]:
         "window_ce_samples": s.window_ce_samples, "baseline_prompts": s.baseline_prompts,
         "random_prompt_examples": s.random_prompt_examples, "window_len": cfg.dream.n_tokens,
         "window_search_top": s.window_search_top, "matched_windows": True,
+        "cooccurrence_window": s.cooccurrence_window, "hard_negative_samples": s.hard_negative_samples,
+        "hard_negative_neighbours": s.hard_negative_neighbours,
         "rank_quantity": cfg.targets.quantity, "density_quantity": "post", "hist_quantity": "post",
         "objective": {"reduce": cfg.targets.reduce, "p": cfg.targets.p, "offset": cfg.targets.offset},
     }
@@ -145,6 +150,14 @@ class ScanState:
     nonfiring: BottomKSample = field(default=None)  # type: ignore[assignment]
     windows: BottomKSample = field(default=None)  # type: ignore[assignment]
     corpus_counts: dict = field(default_factory=dict)  # pipeline.corpus.CorpusStats.counts of the pass
+    # co-firing with all d_sae latents (stages.scan.cofire): co-occurrence counts and hard negatives
+    cooc_window: int = 0
+    hard_negative_samples: int = 0
+    n_cooc_windows: int = 0
+    cooc: np.ndarray | None = None       # int64 [L, d_sae] windows where slot j and latent k both fire
+    win_fires: np.ndarray | None = None  # int64 [d_sae] windows where latent k fires
+    hardneg: BottomKSample | None = None
+    hn_ids: np.ndarray | None = None     # int64 [L, K] decoder-cosine neighbours of each slot
 
     def __post_init__(self) -> None:
         L = len(self.latents)
@@ -156,6 +169,7 @@ class ScanState:
             self.quantiles = QuantileSampler(L, self.quantile_samples)
             self.nonfiring = BottomKSample(self.random_samples)
             self.windows = BottomKSample(self.window_samples)
+            self.hardneg = BottomKSample(self.hard_negative_samples)
 
 
 def _shown(n_ids: int, pos: int, width: int, body0: int) -> tuple[int, int]:
@@ -315,7 +329,19 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
     s = cfg.scan
     if state is None:
         state = ScanState(latents=list(latents), top_k=max(s.top_k, s.window_search_top), hist_bins=s.hist_bins, quantile_samples=s.quantile_samples,
-                          random_samples=s.random_samples, window_samples=s.window_ce_samples)
+                          random_samples=s.random_samples, window_samples=s.window_ce_samples,
+                          cooc_window=s.cooccurrence_window, hard_negative_samples=s.hard_negative_samples)
+        if s.cooccurrence_window > 0 and len(latents) * subject.d_sae <= MAX_COOC_COUNTS:
+            state.cooc = np.zeros((len(latents), subject.d_sae), dtype=np.int64)
+            state.win_fires = np.zeros(subject.d_sae, dtype=np.int64)
+        elif s.cooccurrence_window > 0:
+            log.info("co-occurrence not counted: %d latents × %d = %d counts > %d", len(latents), subject.d_sae,
+                     len(latents) * subject.d_sae, MAX_COOC_COUNTS)
+            state.cooc_window = 0
+        if s.hard_negative_samples > 0:
+            from stages.features import decoder_neighbours
+
+            state.hn_ids = decoder_neighbours(subject.sae, list(latents), s.hard_negative_neighbours)[0]
     body0 = _body0(subject)
     pad = subject.tokenizer.pad_token_id or 0
     stream = _context_stream(cfg, subject, state)
@@ -336,11 +362,21 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
             tokens, mask = pad_batch(batch, pad)
             body = mask.clone()
             body[:, :body0] = False
-            rank, post = batch_activations(subject, state.latents, cfg.targets.quantity, tokens)
+            x = hook_activations(subject, tokens)
+            rank, post = rank_and_post(subject, x, state.latents, cfg.targets.quantity)
             check_finite_activations(rank, post, batch, state.latents)
-            before = state.tokens_seen
-            update_state(state, batch, rank.float().cpu().numpy(), post.float().cpu().numpy(), body.numpy(),
-                         s.example_window, cfg.dream.n_tokens, body0)
+            before, ctx0 = state.tokens_seen, state.n_contexts
+            rank_np, post_np = rank.float().cpu().numpy(), post.float().cpu().numpy()
+            update_state(state, batch, rank_np, post_np, body.numpy(), s.example_window, cfg.dream.n_tokens, body0)
+            if state.cooc is not None or (state.hardneg is not None and state.hardneg.k > 0):
+                with torch.no_grad():  # every latent's firing, for co-occurrence and hard negatives (stages.scan.cofire)
+                    post_all = latent_activations(subject.sae, x, None).post
+                    body_d = body.to(post_all.device)
+                    fires_all = (post_all > 0) & body_d[..., None]
+                ids_b = [c.ids for c in batch]
+                update_cofiring(state, fires_all, post_all, body_d, ctx0 + np.arange(len(batch), dtype=np.int64),
+                                lambda b, j, pos: _example(ids_b[b], rank_np[b, :, j], post_np[b, :, j], pos, s.example_window,
+                                                           cfg.dream.n_tokens, body0))
             state.n_batches += 1
             state.wall_s += time.perf_counter() - t0
             bar.update(min(state.tokens_seen, s.max_tokens) - min(before, s.max_tokens))
@@ -367,6 +403,7 @@ class ScanResult:
     baseline_rows: list[dict[str, Any]]
     objective_rows: list[dict[str, Any]]
     window_rows: list[dict[str, Any]] = field(default_factory=list)
+    neighbour_rows: list[dict[str, Any]] = field(default_factory=list)  # latent_neighbours, kind 'cooccurrence'
 
 
 class _Decoder:
@@ -396,6 +433,7 @@ def _example_row(scan_id: str, latent: int, kind: str, rank: int, ex: dict[str, 
         "window_ce": None if window_ce is None or not math.isfinite(window_ce) else float(window_ce),
         "window_act": None if window_act is None or not math.isfinite(window_act) else float(window_act),
         "window_ce_rest": _num(window_ce_rest), "context_ids": None if ctx is None else [int(i) for i in ctx],
+        "neighbour": None if ex.get("neighbour") is None else int(ex["neighbour"]), "neighbour_act": _num(ex.get("neighbour_act")),
     }
 
 
@@ -549,6 +587,7 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
     S = cfg.scan.window_search_top
     decode = _Decoder(subject)
     latent_rows, example_rows, w_rows, tops, contexts = [], [], [], {}, {}
+    nb_rows: list[dict[str, Any]] = []
     for j, lat in enumerate(state.latents):
         cands = state.topk.result(j)  # max(top_k, window_search_top) contexts; the first top_k are stored as examples
         top = [c.payload for c in cands[: cfg.scan.top_k]]
@@ -573,6 +612,12 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
                 rank += 1
         for r, e in enumerate(state.nonfiring.items(j)):
             example_rows.append(_example_row(scan_id, lat, "random", r, e, decode))
+        if getattr(state, "hardneg", None) is not None:
+            for r, e in enumerate(state.hardneg.items(j)):
+                example_rows.append(_example_row(scan_id, lat, "hard_negative", r, e, decode))
+        if getattr(state, "cooc", None) is not None:
+            ids, jac, counts = cooccurrence_top(state, j, NEIGHBOURS_K)
+            nb_rows += neighbour_rows(scan_id, "cooccurrence", lat, ids, jac, counts)
         nf = int(state.n_firing[j])
         wact = ws.values[obj.key] if len(ws) else np.zeros(0)
         latent_rows.append({
@@ -602,8 +647,10 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
         "ce_rest_p10": b_rest["p10"], "ce_rest_p50": b_rest["p50"], "ce_rest_in_dist_threshold": b_rest["in_dist"],
         "wall_s": state.wall_s + time.perf_counter() - t0, "pass_wall_s": state.wall_s, "updated_at": now(),
         **corpus_count_columns(state.corpus_counts),
+        "cooc_window": int(state.cooc_window) if getattr(state, "cooc", None) is not None else None,
+        "n_cooc_windows": int(state.n_cooc_windows) if getattr(state, "cooc", None) is not None else None,
     }
-    return ScanResult(scan_id, scan_row, latent_rows, example_rows, b_rows, o_rows, w_rows)
+    return ScanResult(scan_id, scan_row, latent_rows, example_rows, b_rows, o_rows, w_rows, nb_rows)
 
 
 # ----------------------------------------------------------------------------- writes
@@ -661,6 +708,7 @@ def write_scan(store: Store, result: ScanResult) -> None:
                             ("baselines", result.baseline_rows), ("scan_objective_examples", result.objective_rows),
                             ("scan_windows", result.window_rows)):
             store.replace(table, {"scan_id": sid}, rows)
+        store.replace("latent_neighbours", {"source_id": sid}, result.neighbour_rows)
         sets = ", ".join(f'"{k}" = ?' for k in result.scan_row)
         store.execute(f"UPDATE scans SET {sets} WHERE scan_id = ?", [*result.scan_row.values(), sid])
         store.delete("scan_checkpoints", {"scan_id": sid})
@@ -714,6 +762,7 @@ def run_scan(cfg: ReverieConfig, subject: Subject, store: Store, targets: list[T
     latents = list(range(subject.d_sae)) if cfg.scan.all_latents else scan_latent_ids(targets)
     check_latents(latents, subject.d_sae)
     sid = scan_key(cfg, subject, latents)
+    ensure_features(subject, store, scan_latent_ids(targets))  # logit lens + decoder neighbours, once per (SAE, latent)
     row = store.fetch_one("SELECT status FROM scans WHERE scan_id = ?", [sid])
     if row is not None and row["status"] == "done":
         added = add_missing_objectives(cfg, subject, store, sid, targets)
