@@ -32,6 +32,7 @@ from pipeline.config import ReverieConfig
 from pipeline.paths import expand
 from pipeline.store import Store
 from reports import plots
+from reports.features import load_panels
 from reports.data import DreamPrompt, Example, RunData, TargetData, dream_beats_dataset, latest_run_id, load_run
 
 NEURONPEDIA = "https://www.neuronpedia.org"
@@ -312,7 +313,8 @@ def render_reports(cfg: ReverieConfig, store: Store, run_id: str | None, out_dir
     common = {"run": run, "sort_js": sort_js, "csp": _csp([sort_hash]), "generated": fmt_time(dt.datetime.now(dt.timezone.utc))}
     page = env.get_template("latent.html")
     for td in run.targets:
-        html = page.render(**common, **_target_view(td, cfg, run, out))
+        panels = load_panels(store, td, run.run.run_id, out, page_name, lambda r: default_out_dir(cfg, r))
+        html = page.render(**common, **_target_view(td, cfg, run, out), panels=panels)
         (out / page_name(td.target_id)).write_text(html, encoding="utf-8")
     figs = {"ratio": plots.ratio_distribution(run.targets, out / "index-ratio.png"),
             "beats": plots.beats_fraction(run.targets, out / "index-beats.png")}

@@ -216,6 +216,20 @@ def build_synthetic_db(project_dir: Path, seed: int = 0) -> Store:
     store.insert("llm_calls", [{"run_id": RUN, "target_id": "101", "purpose": "explain:both", "key": "k", "model": "gpt-4o-mini",
                                 "cached": False, "attempts": 1, "prompt_tokens": 900, "completion_tokens": 40, "cost_usd": 0.0002,
                                 "latency_s": 1.2, "created_at": T0}])
+    if "logit_lens" in store.tables():  # issue 12: the decoder direction's logit lens and neighbours
+        store.insert("logit_lens", [
+            {"sae_key": SAE, "model_key": MODEL, "latent": lat, "sae_sha": "", "norm_scale": "through the final norm's scale (ln_final.w of RMS)",
+             "d_vocab": 2048, "top_ids": list(range(10)), "top_tokens": [HOSTILE[0]] + [f" top{lat}_{i}" for i in range(1, 10)],
+             "top_logits": [2.5 - 0.1 * i for i in range(10)], "bottom_ids": list(range(10, 20)),
+             "bottom_tokens": [f" bot{lat}_{i}" for i in range(10)], "bottom_logits": [-2.0 + 0.1 * i for i in range(10)],
+             "hist_edges": list(np.linspace(-2.0, 2.5, 41)), "hist_counts": [int(c) for c in 200 * np.exp(-np.linspace(-3, 3, 40) ** 2)],
+             "mean": 0.01, "std": 0.7, "created_at": T0} for lat in (101, 202)])
+        store.insert("latent_neighbours", [
+            {"source_id": SAE, "latent": 101, "kind": "decoder_cosine", "rank": r, "neighbour": n, "value": v,
+             "n_both": None, "n_latent": None, "n_neighbour": None} for r, (n, v) in enumerate(((202, 0.61), (777, 0.4)))] + [
+            {"source_id": SCAN, "latent": 101, "kind": "cooccurrence", "rank": 0, "neighbour": 888, "value": 0.37,
+             "n_both": 37, "n_latent": 80, "n_neighbour": 57}])
+        store.execute("UPDATE scans SET cooc_window = 16, n_cooc_windows = 12500 WHERE scan_id = ?", [SCAN])
     return store
 
 
@@ -316,6 +330,22 @@ def test_latent_page_sections(report):
     assert "18 frontier prompts from 2 seed(s)" in html
     # the max token of every top example is marked
     assert html.count('class="tok max"') >= 12 + 18
+
+
+def test_feature_panel_logit_lens_and_neighbours(report):
+    """Issue 12: the logit-lens table (escaped tokens), its histogram, decoder-cosine and co-occurrence
+    neighbours with their values and a link where the neighbour has a page."""
+    index, _, _ = report
+    html = (index.parent / "latent-101.html").read_text()
+    for needle in ("Decoder direction", "W_dec[101] @ W_U", "ln_final.w of RMS", " top101_1", " bot101_0", "2.5", "-2",
+                   "Histogram of the 2,048 logits", 'class="hbar"', "decoder-cosine neighbour", "0.61", '<a href="latent-202.html">latent 202</a>',
+                   "latent 777", "co-occurrence neighbour", "0.37", "37 / 80 / 57", "16-token corpus windows"):
+        assert needle in html, needle
+    assert "&lt;script&gt;window.__pwned=1;alert(1)&lt;/script&gt;" in html
+    combo = (index.parent / "latent-101_202.html").read_text()
+    assert "Member latent 101" in combo and "Member latent 202" in combo and " top202_1" in combo
+    p303 = (index.parent / "latent-303.html").read_text()
+    assert "No logit lens stored for latent 303" in p303
 
 
 def test_missing_pieces_say_so(report):

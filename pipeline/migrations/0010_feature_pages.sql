@@ -53,7 +53,7 @@ CREATE TABLE explain_scores_v2 (
     scored_explanation_id VARCHAR NOT NULL,
     holdout_set    VARCHAR NOT NULL,         -- 'dataset' | 'dreams'
     baseline       BOOLEAN NOT NULL,
-    scorer         VARCHAR NOT NULL,         -- 'detection' | 'fuzzing'
+    scorer         VARCHAR NOT NULL DEFAULT 'detection', -- 'detection' | 'fuzzing'
     metric         VARCHAR NOT NULL,         -- 'balanced_accuracy' | 'f1' | 'precision' | 'recall'
     value          DOUBLE NOT NULL,
     n              INTEGER NOT NULL,         -- labelled examples the value rests on
