@@ -3,7 +3,9 @@
 (a) the demo subject (TinyStories-656K + JumpReLU SAE), (b) a GPT-2-small-shaped
 HookedTransformer with random weights, the real GPT-2 tokenizer ({shared}/tokenizers/gpt2) and a
 random sae-lens StandardSAE at blocks.6.hook_resid_pre. Paper defaults (M=8, r=32, k=512, n=12)
-for a few iterations, with and without the parent key/value cache (``prefix_cache``).
+for a few iterations: children in full (``prefix_cache`` off) or from their parents' keys/values
+in 1, 4 or 12 first-edit buckets, through the lean forward or transformer_lens's. For a
+same-run comparison against the reference code, see ``epo_vs_reference.py``.
 
     .venv/bin/python benchmarks/epo_throughput.py [--demo-iterations 20] [--gpt2-iterations 3] [--threads 1] [--device cpu]
 """
@@ -49,8 +51,8 @@ def gpt2_shaped_subject(device: str, d_sae: int = 24576, seed: int = 0) -> Subje
                    model_key="gpt2-shaped-random", sae_key="random-standard-sae")
 
 
-def measure(subject: Subject, latent: int, iterations: int, prefix_cache: bool, kv_groups: int | None = None) -> dict:
-    cfg = EPOConfig(iterations=iterations, prefix_cache=prefix_cache, kv_groups=kv_groups, restart_every=30)
+def measure(subject: Subject, latent: int, iterations: int, **settings) -> dict:
+    cfg = EPOConfig(iterations=iterations, restart_every=30, **settings)
     obj = Objective(sae=subject.sae, latents=[latent])
     run_epo(subject, obj, cfg.model_copy(update={"iterations": 1}), seed=0)   # warm-up
     t = time.perf_counter()
@@ -63,8 +65,11 @@ def measure(subject: Subject, latent: int, iterations: int, prefix_cache: bool, 
 def report(name: str, subject: Subject, latent: int, iterations: int) -> None:
     print(f"\n== {name}: {iterations} iterations at M=8 r=32 k=512 n=12 (device {subject.device}, threads {torch.get_num_threads()})")
     print(f"{'mode':<26} {'cand/s':>8} {'s/iter':>7} {'gradient':>9} {'proposal':>9} {'evaluation':>11} {'selection':>10}")
-    for label, pc, g in (("plain (prefix_cache=off)", False, None), ("parent KV cache", True, None), ("parent KV cache, 4 groups", True, 4)):
-        m = measure(subject, latent, iterations, pc, g)
+    modes = (("full children (prefix_cache=off)", dict(prefix_cache=False)), ("KV, 1 bucket", dict(kv_buckets=1)),
+             ("KV, 4 buckets (default)", dict(kv_buckets=4)), ("KV, 12 buckets", dict(kv_buckets=12)),
+             ("KV 4, transformer_lens fwd", dict(kv_buckets=4, lean_forward=False)), ("KV 4, bf16 search", dict(kv_buckets=4, search_dtype="bfloat16")))
+    for label, settings in modes:
+        m = measure(subject, latent, iterations, **settings)
         print(f"{label:<26} {m['cand_s']:>8.0f} {m['it_s']:>7.3f} {m['gradient']:>9.3f} {m['proposal']:>9.3f} {m['evaluation']:>11.3f} {m['selection']:>10.3f}")
     print("(per-iteration seconds in each phase)")
 

@@ -2,8 +2,15 @@
 
 hook activation x → SAE input (sae-lens ``process_sae_in``: dtype, normalization, ``b_dec``
 subtraction) → pre-activation ``x_in @ W_enc[:, j] + b_enc[j]`` → post-activation by
-architecture (ReLU; JumpReLU: ``relu(pre) * (pre > θ_j)``; TopK: kept only if among the k
-largest of all d_sae pre-activations at that token). The decoder-direction projection
+architecture (ReLU; JumpReLU: ``relu(pre) * (pre > θ_j)``; TopK / BatchTopK at inference: kept
+only if among the k largest of all d_sae pre-activations at that token; gated: the magnitude
+path ``x_in @ (W_enc[:, j]·exp(r_mag_j)) + b_mag_j`` is the pre-activation (sae-lens's
+``hook_sae_acts_pre``), post = ``relu(pre) · [x_in @ W_enc[:, j] + b_gate_j > 0]``). Those are
+read column by column (only the requested latents). Any other per-token sae-lens architecture
+(abs-TopK, matching pursuit, transcoders — which read their input hook —, …) falls back to
+``sae.encode`` on all d_sae latents, then selects columns: slower, and exactly sae-lens's
+numbers; there ``pre`` is not exposed and equals ``post``. Architectures whose encoding is not a
+function of one token's activation (temporal SAEs) are refused by :func:`check_architecture`. The decoder-direction projection
 ``x · W_dec[j] / ‖W_dec[j]‖`` reads the raw hook activation (Thompson et al. 2024 §3.5;
 the follow-up post's "dot product with the residual stream").
 
@@ -18,6 +25,27 @@ from typing import Literal
 import torch
 
 Quantity = Literal["pre", "post", "projection"]
+
+COLUMN_ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk", "gated")
+REFUSED_ARCHITECTURES = ("temporal",)
+
+
+def check_architecture(sae) -> str:
+    """How latents of ``sae`` are read: 'columns' (the fast path) or 'encode' (sae-lens's own
+    ``encode``, all latents).
+
+    Raises:
+        ValueError: the architecture's encoding is not per token (e.g. temporal SAEs) or the
+            object has no ``encode``; the message names the supported architectures.
+    """
+    arch = str(sae.cfg.architecture())
+    if arch in COLUMN_ARCHITECTURES:
+        return "columns"
+    if arch in REFUSED_ARCHITECTURES or not callable(getattr(sae, "encode", None)):
+        raise ValueError(f"SAE architecture {arch!r} is not supported: its latents are not a function of one token's activation. "
+                         f"Supported: {', '.join(COLUMN_ARCHITECTURES)} (fast path) and any per-token sae-lens architecture "
+                         "with an encode() (abs-TopK, matching pursuit, transcoders, ...).")
+    return "encode"
 
 
 @dataclass
@@ -52,9 +80,13 @@ def latent_activations(sae, x: torch.Tensor, latents: torch.Tensor | list[int] |
         in the SAE's dtype. Equal to ``sae.encode(x)[..., latents]`` for ``post``.
 
     Raises:
-        ValueError: an architecture this function does not know.
+        ValueError: an architecture that :func:`check_architecture` refuses.
     """
     idx = _index(sae, latents)
+    if check_architecture(sae) == "encode":
+        full = sae.encode(x)
+        post = full if idx is None else full[..., idx]
+        return LatentActivations(pre=post, post=post)
     x_in = sae.process_sae_in(x)
     arch = sae.cfg.architecture()
     rescale = bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
@@ -69,6 +101,13 @@ def latent_activations(sae, x: torch.Tensor, latents: torch.Tensor | list[int] |
         return LatentActivations(pre=pre, post=post)
 
     W = sae.W_enc if idx is None else sae.W_enc[:, idx]
+    if arch == "gated":
+        r_mag = sae.r_mag if idx is None else sae.r_mag[idx]
+        b_mag = sae.b_mag if idx is None else sae.b_mag[idx]
+        b_gate = sae.b_gate if idx is None else sae.b_gate[idx]
+        pre = x_in @ (W * r_mag.exp()) + b_mag                 # sae-lens's order of operations
+        post = torch.relu(pre) * ((x_in @ W + b_gate) > 0).to(pre.dtype)
+        return LatentActivations(pre=pre, post=post)
     b = sae.b_enc if idx is None else sae.b_enc[idx]
     pre = x_in @ W + b
     if arch == "standard":
