@@ -190,6 +190,12 @@ def _text(body: dict[str, Any], role: str) -> str:
 def answer(body: dict[str, Any]) -> str:
     """The deterministic reply to a chat request (see the module docstring)."""
     system, user = _text(body, "system"), _text(body, "user")
+    if "marked like <<this>>" in system:  # fuzzing: 1 when a marked span holds a quoted word of the explanation
+        head = user.split("Example 1:", 1)[0]
+        words = [w.strip().lower() for w in _QUOTED.findall(head) if w.strip()]
+        labels = [int(any(w in span.lower() for span in re.findall(r"<<(.*?)>>", text) for w in words))
+                  for _, text in sorted(_EXAMPLE.findall(user), key=lambda m: int(m[0]))]
+        return f"Labels: {json.dumps(labels)}"
     if "labels" in system.lower():
         head = user.split("Example 1:", 1)[0]
         words = [w.strip().lower() for w in _QUOTED.findall(head) if w.strip()]

@@ -204,7 +204,7 @@ def test_stage_explains_and_scores_every_target_and_source(project, server):
     assert by[("101+202", "dataset")]["text"] == 'fires on the words "cat".'
     assert any("first of 101+202" in r.body["messages"][1]["content"] for r in server.completions)
 
-    scores = store.fetch("SELECT * FROM explain_scores WHERE run_id = ? AND metric = 'balanced_accuracy'", [RUN])
+    scores = store.fetch("SELECT * FROM explain_scores WHERE run_id = ? AND metric = 'balanced_accuracy' AND scorer = 'detection'", [RUN])
     assert len(scores) == len(TRIGGERS) * 3 * 2 * 2          # targets × sources × held-out sets × (explanation, baseline)
     assert all(s["n"] == 12 and s["n_pos"] == 6 and s["n_neg"] == 6 for s in scores)
     real = [s["value"] for s in scores if not s["baseline"]]
@@ -225,7 +225,48 @@ def test_stage_explains_and_scores_every_target_and_source(project, server):
     again = run_explain(cfg, store, RUN, SCAN)
     assert len(server.completions) == n_requests and again.n_requests == 0 and again.n_cached == n_requests
     assert store.fetch("SELECT target_id, source, text, n_dataset, n_dreams, prompt_hash FROM explanations WHERE run_id = ?", [RUN]) == exps
-    assert len(store.fetch("SELECT * FROM explain_scores WHERE run_id = ? AND metric = 'balanced_accuracy'", [RUN])) == len(scores)
+    assert len(store.fetch("SELECT * FROM explain_scores WHERE run_id = ? AND metric = 'balanced_accuracy' AND scorer = 'detection'", [RUN])) == len(scores)
+
+
+def test_fuzzing_and_detection_with_n_ci_and_hard_negatives(project, server):
+    """Issue 12: detection and fuzzing rows for dataset and dream held-out sets, each with the n it used,
+    the n the settings wanted, and a 95% interval around the value; hard negatives among the dataset
+    negatives (contexts where a decoder neighbour fires), and batched requests."""
+    cfg, store = project
+    rng = random.Random(1)
+    hard = []
+    for rank in range(6):  # hard negatives of latent 101: its neighbour 555 fires, 101 does not
+        tokens, _ = sentence(rng, [" dog"])
+        hard.append({"scan_id": SCAN, "latent": 101, "kind": "hard_negative", "rank": rank, "bin": None, "context_idx": 500 + rank, "start": 0,
+                     "token_ids": list(range(len(tokens))), "tokens": tokens, "acts": [-0.2] * len(tokens), "post_acts": [0.0] * len(tokens),
+                     "max_act": -0.2, "max_pos": 0, "window_ids": None, "window_ce": None, "window_act": None,
+                     "neighbour": 555, "neighbour_act": 1.5})
+    store.insert("scan_examples", hard)
+    cfg = type(cfg).model_validate({**cfg.to_toml_dict(), "explain": {**cfg.to_toml_dict()["explain"], "n_holdout": 8, "hard_negative_share": 0.5}})
+    summary = run_explain(cfg, store, RUN, SCAN)
+    assert summary.stopped is None and summary.n_failures == 0, store.fetch("SELECT * FROM explain_failures")
+    rows = store.fetch("SELECT * FROM explain_scores WHERE run_id = ? AND target_id = '101' AND NOT baseline", [RUN])
+    for scorer in ("detection", "fuzzing"):
+        for hs in ("dataset", "dreams"):
+            got = [r for r in rows if r["scorer"] == scorer and r["holdout_set"] == hs]
+            assert {r["metric"] for r in got} == {"balanced_accuracy", "f1", "precision", "recall"}, (scorer, hs)
+            for r in got:
+                assert r["n"] == r["n_pos"] + r["n_neg"] > 0 and r["n_pos_wanted"] == 8 and r["n_neg_wanted"] == 8
+                assert r["ci_low"] is not None and r["ci_low"] <= r["value"] + 1e-9 and r["value"] <= r["ci_high"] + 1e-9
+                assert r["ci_method"] == ("wilson" if r["metric"] in ("precision", "recall") else "bootstrap")
+                assert r["n_requests"] >= 1
+    det = {r["holdout_set"]: r for r in rows if r["scorer"] == "detection" and r["metric"] == "balanced_accuracy"}
+    # the scan holds 9 non-shown firing quantile samples per latent at most: fewer than wanted is recorded, never hidden
+    assert det["dataset"]["n_pos"] <= 8 and det["dataset"]["n_neg"] == 8
+    assert det["dataset"]["n_hard_neg"] == 4 and det["dreams"]["n_hard_neg"] == 0  # half the 8 negatives are hard negatives
+    fz = [r for r in rows if r["scorer"] == "fuzzing" and r["metric"] == "balanced_accuracy"]
+    assert all(r["value"] >= 0.75 for r in fz), fz  # right marks vs wrong marks separate with the right explanation
+    # hard negatives reached the scorer: a detection prompt holds a ' dog' context of latent 101
+    assert any("Example" in r.body["messages"][1]["content"] and " dog" in r.body["messages"][1]["content"]
+               and "cat" in r.body["messages"][1]["content"].split("Examples:")[0] for r in server.completions)
+    # fuzzing prompts mark tokens and batch several examples per request
+    fuzz = [r for r in server.completions if "<<this>>" in r.body["messages"][0]["content"]]
+    assert fuzz and all(r.body["messages"][1]["content"].count("\nExample ") >= 2 for r in fuzz)
 
 
 def test_failing_target_is_recorded_and_others_finish(project, server):
@@ -240,7 +281,7 @@ def test_failing_target_is_recorded_and_others_finish(project, server):
     assert all("InternalServerError" in f["why"] and "4 attempt" in f["why"] for f in failures)
     exps = store.fetch("SELECT target_id, source FROM explanations WHERE run_id = ?", [RUN])
     assert {e["target_id"] for e in exps} == set(TRIGGERS) - {"404"} and len(exps) == 3 * (len(TRIGGERS) - 1)
-    n_scores = store.fetch("SELECT count(*) AS n FROM explain_scores WHERE run_id = ? AND metric = 'f1'", [RUN])[0]["n"]
+    n_scores = store.fetch("SELECT count(*) AS n FROM explain_scores WHERE run_id = ? AND metric = 'f1' AND scorer = 'detection'", [RUN])[0]["n"]
     assert n_scores == (len(TRIGGERS) - 1) * 3 * 2 * 2
     # the failed target's text was never used as anyone's baseline
     assert not store.fetch("SELECT * FROM explain_scores WHERE scored_explanation_id LIKE ?", [f"{RUN}/404/%"])

@@ -60,10 +60,30 @@ class Example:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """A held-out example and whether the latent really fires on it."""
+    """A held-out example and whether the latent really fires on it.
+
+    ``tokens``: its display pieces; ``active``: per token, whether the latent is active there (the
+    SAE post-activation > 0 for dataset examples; for dreams, tokens at ≥ half the dream's largest
+    per-token value) — the marks the fuzzing scorer shows; ``hard``: a hard negative (a
+    decoder-cosine neighbour fires in its context, this latent does not).
+    """
 
     text: str
     fires: bool
+    tokens: tuple[str, ...] = ()
+    active: tuple[bool, ...] = ()
+    hard: bool = False
+
+
+def held(e: Example, fires: bool, post: Sequence[float] | None = None, hard: bool = False) -> HeldOut:
+    """A :class:`HeldOut` of an example, with its active tokens (``post`` > 0 when given, else
+    acts ≥ half of the example's largest positive act)."""
+    if post is not None and len(post) == len(e.tokens):
+        active = tuple(a is not None and a > 0 for a in post)
+    else:
+        top = max(e.acts, default=0.0)
+        active = tuple(top > 0 and a >= 0.5 * top for a in e.acts)
+    return HeldOut(e.text, fires, e.tokens, active, hard)
 
 
 @dataclass
@@ -76,6 +96,7 @@ class TargetInputs:
     dreams_shown: list[Example] = field(default_factory=list)
     holdout: dict[str, list[HeldOut]] = field(default_factory=dict)   # 'dataset' | 'dreams' -> examples
     notes: dict[str, str] = field(default_factory=dict)               # what is missing, and why
+    wanted: tuple[int, int] = (0, 0)                                  # held-out (activating, non-activating) the settings ask for
 
     @property
     def dataset_latent(self) -> int:
@@ -120,13 +141,20 @@ def _dedupe(examples: Sequence[Example], exclude: set[str] = frozenset()) -> lis
     return out
 
 
-def split_dataset(rows: Sequence[dict[str, Any]], n_examples: int, n_holdout: int) -> tuple[list[Example], list[HeldOut]]:
+def split_dataset(rows: Sequence[dict[str, Any]], n_examples: int, n_holdout: int, n_negative: int | None = None,
+                  hard_share: float = 0.0) -> tuple[list[Example], list[HeldOut]]:
     """Split one latent's ``scan_examples`` rows into shown examples and the held-out set.
 
+    Args:
+        n_negative: non-firing examples wanted (None = ``n_holdout``).
+        hard_share: share of them taken from ``'hard_negative'`` rows (contexts where a decoder-cosine
+            neighbour fires; delphi's neighbour negatives); random non-firing contexts fill the rest,
+            and hard negatives fill in when random ones run out.
     Returns:
-        (shown: at most ``n_examples``, held-out: at most ``n_holdout`` firing + ``n_holdout``
-        non-firing, disjoint by text from the shown ones).
+        (shown: at most ``n_examples``, held-out: at most ``n_holdout`` firing + ``n_negative``
+        non-firing, disjoint by text from the shown ones; fewer when the scan holds fewer).
     """
+    n_negative = n_holdout if n_negative is None else n_negative
     top = sorted((r for r in rows if r["kind"] == "top"), key=lambda r: r["rank"])
     quantile = sorted((r for r in rows if r["kind"] == "quantile"), key=lambda r: (r["bin"] if r["bin"] is not None else 0, r["rank"]))
     random = sorted((r for r in rows if r["kind"] == "random"), key=lambda r: r["rank"])
@@ -135,9 +163,29 @@ def split_dataset(rows: Sequence[dict[str, Any]], n_examples: int, n_holdout: in
     n_q = n_examples // 4 if q_shown else 0
     shown = _dedupe([_example(r, "top") for r in top][: n_examples - n_q] + spread(q_shown, n_q))
     shown_texts = {e.text for e in shown}
+    q_rows = {id(e): r for e, r in zip(q_held, quantile[1::2])}
     pos = spread(_dedupe([e for e in q_held if e.fires], shown_texts), n_holdout)
-    neg = _dedupe([e for e in (_example(r, "random") for r in random) if not e.fires], shown_texts)[:n_holdout]
-    return shown, [HeldOut(e.text, True) for e in pos] + [HeldOut(e.text, False) for e in neg]
+    post = {e.text: r.get("post_acts") for e, r in ((e, q_rows.get(id(e), {})) for e in q_held)}
+    rand = [(e, r) for e, r in ((_example(r, "random"), r) for r in random) if not e.fires]
+    hard_rows = sorted((r for r in rows if r["kind"] == "hard_negative"), key=lambda r: r["rank"])
+    hard = [(e, r) for e, r in ((_example(r, "random"), r) for r in hard_rows) if not e.fires]
+    n_hard = min(len(hard), round(hard_share * n_negative))
+    seen = set(shown_texts)
+    neg: list[HeldOut] = []
+
+    def take(group: list[tuple[Example, dict[str, Any]]], is_hard: bool, limit: int) -> None:
+        for e, r in group:
+            if len(neg) >= limit:
+                return
+            if e.text not in seen:
+                seen.add(e.text)
+                neg.append(held(e, False, r.get("post_acts"), hard=is_hard))
+
+    take(hard, True, n_hard)
+    take(rand, False, n_negative)
+    take(hard, True, n_negative)  # hard negatives fill in when random ones run out
+    neg = neg[:n_negative]
+    return shown, [held(e, True, post.get(e.text)) for e in pos] + neg
 
 
 def split_dreams(rows: Sequence[dict[str, Any]], negatives: Sequence[Example], n_examples: int, n_holdout: int) -> tuple[list[Example], list[HeldOut]]:
@@ -152,13 +200,14 @@ def split_dreams(rows: Sequence[dict[str, Any]], negatives: Sequence[Example], n
     dreams = _dedupe([_example({**r, "max_act": r["activation"]}, "dream", "token_acts")
                       for r in sorted(rows, key=lambda r: -float(r["activation"])) if float(r["activation"]) > 0])
     shown = dreams[0::2][:n_examples]
-    held = dreams[1::2][:n_holdout]
+    held_out = dreams[1::2][:n_holdout]
     texts = {e.text for e in dreams}
     neg = _dedupe([e for e in negatives if not e.fires], texts)[:n_holdout]
-    return shown, [HeldOut(e.text, True) for e in held] + [HeldOut(e.text, False) for e in neg]
+    return shown, [held(e, True) for e in held_out] + [held(e, False) for e in neg]
 
 
-def load_inputs(store: Store, run_id: str, scan_id: str | None, n_examples: int, n_holdout: int) -> list[TargetInputs]:
+def load_inputs(store: Store, run_id: str, scan_id: str | None, n_examples: int, n_holdout: int, n_negative: int | None = None,
+                hard_share: float = 0.0) -> list[TargetInputs]:
     """Read every target of a run with its dataset examples and dreams, split for the stage.
 
     Args:
@@ -170,14 +219,14 @@ def load_inputs(store: Store, run_id: str, scan_id: str | None, n_examples: int,
     targets = store.fetch("SELECT target_id, latents FROM targets WHERE run_id = ? ORDER BY target_id", [run_id])
     out = []
     for t in targets:
-        inp = TargetInputs(t["target_id"], [int(x) for x in t["latents"]])
+        inp = TargetInputs(t["target_id"], [int(x) for x in t["latents"]], wanted=(n_holdout, n_holdout if n_negative is None else n_negative))
         lat = inp.dataset_latent
         rows = store.fetch(
             "SELECT kind, rank, bin, tokens, acts, post_acts, max_act FROM scan_examples WHERE scan_id = ? AND latent = ?", [scan_id, lat]
         ) if scan_id else []
         if len(inp.latents) > 1:
             inp.notes["combination"] = f"dataset examples are those of latent {lat}, the first of {inp.target_id}"
-        inp.dataset_shown, held = split_dataset(rows, n_examples, n_holdout)
+        inp.dataset_shown, held = split_dataset(rows, n_examples, n_holdout, n_negative, hard_share)
         if not inp.dataset_shown:
             inp.notes["dataset"] = f"no dataset examples for latent {lat} in scan {scan_id}" if scan_id else "no scan found for this run"
         if held:

@@ -39,6 +39,8 @@ from stages.explain.client import Budget, CallRecord, LLMClient, LLMError, Stage
 from stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
 from stages.explain.prompts import ParseError, check_answer, detection_messages, explanation_messages, parse_explanation, parse_labels
 from stages.explain.scoring import DetectionMetrics, detection_metrics
+from stages.explain.fuzzing import fuzz_items, fuzz_messages
+from stages.explain.uncertainty import score_intervals
 
 log = logging.getLogger("reverie.explain")
 
@@ -74,6 +76,11 @@ class Score:
     holdout_set: str
     baseline: bool
     metrics: DetectionMetrics
+    scorer: str = "detection"                 # 'detection' | 'fuzzing' (delphi)
+    intervals: dict[str, tuple[float | None, float | None, str]] = field(default_factory=dict)  # metric -> 95% CI (lo, hi, method)
+    wanted: tuple[int, int] = (0, 0)          # held-out (activating, non-activating) the settings asked for
+    n_hard_neg: int = 0                       # labelled negatives from hard-negative contexts
+    n_requests: int = 0                       # scoring requests behind the values
 
 
 @dataclass
@@ -202,29 +209,40 @@ class _Stage:
         eid = f"{self.result.run_id}/{inp.target_id}/{source}"
         return Explanation(eid, inp.target_id, source, text, None, c.key, len(dataset), len(dreams), c.prompt_tokens, c.completion_tokens)
 
-    async def detect(self, inp: TargetInputs, explanation: Explanation, scored: Explanation, holdout_set: str) -> Score | None:
-        """Label this target's held-out set with ``scored``'s text; metrics over the readable batches."""
+    async def detect(self, inp: TargetInputs, explanation: Explanation, scored: Explanation, holdout_set: str,
+                     scorer: str = "detection") -> Score | None:
+        """Label this target's held-out set with ``scored``'s text (``scorer``: 'detection', or
+        'fuzzing' on marked copies, :mod:`stages.explain.fuzzing`); metrics and 95% intervals
+        (:mod:`stages.explain.uncertainty`) over the readable batches."""
         baseline = scored.target_id != inp.target_id
-        what = f"detect:{explanation.source}:{holdout_set}" + (":baseline" if baseline else "")
+        verb = "detect" if scorer == "detection" else "fuzz"
+        what = f"{verb}:{explanation.source}:{holdout_set}" + (":baseline" if baseline else "")
         held: list[HeldOut] = list(inp.holdout[holdout_set])
         random.Random(_seed(self.cfg.explain.seed, inp.target_id, holdout_set)).shuffle(held)
+        items = [(h.text, h.fires) for h in held] if scorer == "detection" else fuzz_items(held, _seed(self.cfg.explain.seed, inp.target_id, holdout_set, "fuzz"))
         size = self.cfg.explain.detection_batch
-        batches = [held[i: i + size] for i in range(0, len(held), size)]
+        batches = [items[i: i + size] for i in range(0, len(items), size)]
+        build = detection_messages if scorer == "detection" else fuzz_messages
 
-        async def label(batch: list[HeldOut]) -> list[bool]:
-            c = await self.client.complete(detection_messages(scored.text, [h.text for h in batch]), what, inp.target_id)
+        async def label(batch: list[tuple[str, bool]]) -> list[bool]:
+            c = await self.client.complete(build(scored.text, [t for t, _ in batch]), what, inp.target_id)
             return parse_labels(check_answer(c.text, c.answer_chars, self.cfg.explain.max_answer_chars), len(batch))
 
         outcomes = await asyncio.gather(*(self.guarded(inp.target_id, f"{what} batch {i}", label(b)) for i, b in enumerate(batches)))
         truth, pred = [], []
         for batch, labels in zip(batches, outcomes):
             if labels is not None:
-                truth += [h.fires for h in batch]
+                truth += [f for _, f in batch]
                 pred += labels
         if self.result.stopped or not truth:
             return None
         metrics = detection_metrics(truth, pred)
-        return Score(inp.target_id, explanation.explanation_id, scored.explanation_id, holdout_set, baseline, metrics)
+        e = self.cfg.explain
+        intervals = score_intervals(truth, pred, e.ci_bootstrap, _seed(e.seed, inp.target_id, holdout_set, scorer) % (2 ** 32))
+        wanted = inp.wanted if holdout_set == "dataset" else (e.n_holdout, e.n_holdout)
+        n_hard = sum(1 for h in held if h.hard and not h.fires) if len(truth) == len(items) else 0
+        return Score(inp.target_id, explanation.explanation_id, scored.explanation_id, holdout_set, baseline, metrics,
+                     scorer, intervals, wanted, n_hard, len(batches))
 
     def baseline_for(self, index: int, source: str) -> Explanation | None:
         """The ``source`` explanation of the next target (cyclically) that has one and shares no
@@ -265,9 +283,10 @@ class _Stage:
                         self.fail(inp.target_id, f"detect:{source}:{hs}", f"skipped: no held-out {hs} examples ({inp.notes.get(hs, 'none stored')})")
                         continue
                     for scored in (exp, other):
-                        if scored is not None:
-                            what = f"detect:{source}:{hs}" + (":baseline" if scored is other else "")
-                            scoring.append((inp.target_id, what, self.detect(inp, exp, scored, hs)))
+                        for scorer in ("detection", "fuzzing") if self.cfg.explain.fuzzing else ("detection",):
+                            if scored is not None:
+                                what = f"{'detect' if scorer == 'detection' else 'fuzz'}:{source}:{hs}" + (":baseline" if scored is other else "")
+                                scoring.append((inp.target_id, what, self.detect(inp, exp, scored, hs, scorer)))
         res.scores.extend(s for s in await self._gather(scoring, "scores") if s is not None)
         return res
 
@@ -321,7 +340,10 @@ def write_explain(store: Store, result: ExplainResult) -> None:
         store.replace("explain_scores", {"run_id": run_id}, [
             {"run_id": run_id, "target_id": s.target_id, "explanation_id": s.explanation_id, "scored_explanation_id": s.scored_explanation_id,
              "holdout_set": s.holdout_set, "baseline": s.baseline, "metric": m, "value": float(v),
-             "n": s.metrics.n, "n_pos": s.metrics.n_pos, "n_neg": s.metrics.n_neg}
+             "n": s.metrics.n, "n_pos": s.metrics.n_pos, "n_neg": s.metrics.n_neg, "scorer": s.scorer,
+             "ci_low": s.intervals.get(m, (None,))[0], "ci_high": s.intervals.get(m, (None, None))[1],
+             "ci_method": s.intervals.get(m, (None, None, None))[2], "n_pos_wanted": s.wanted[0], "n_neg_wanted": s.wanted[1],
+             "n_hard_neg": s.n_hard_neg, "n_requests": s.n_requests}
             for s in result.scores for m, v in s.metrics.as_dict().items()
         ])
         store.replace("explanations", {"run_id": run_id}, [
@@ -420,7 +442,7 @@ def run_explain(cfg: ReverieConfig, store: Store, run_id: str | None = None, sca
     run_id = run_id or latest_run(store)
     scan_id = scan_id or find_scan(store, run_id)
     e = cfg.explain
-    inputs = load_inputs(store, run_id, scan_id, e.n_examples, e.n_holdout)
+    inputs = load_inputs(store, run_id, scan_id, e.n_examples, e.n_holdout, e.n_holdout_negative, e.hard_negative_share)
     if not inputs:
         raise ReverieError(f"run {run_id} has no targets; pass an existing --run or run `reverie targets` first")
     tokens, usd = _prior_spend(store, run_id)
