@@ -24,31 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pipeline.config import EPOConfig, load_config  # noqa: E402
-from pipeline.paths import shared_dir  # noqa: E402
 from sae_targets.loading import Subject, load_subject  # noqa: E402
 from sae_targets.objectives import Objective  # noqa: E402
 from stages.dream.epo import run_epo  # noqa: E402
 
-
-def gpt2_shaped_subject(device: str, d_sae: int = 24576, seed: int = 0) -> Subject:
-    """Random-weight GPT-2-small-shaped model + random StandardSAE at blocks.6.hook_resid_pre."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import GPT2TokenizerFast
-
-    torch.manual_seed(seed)
-    tok = GPT2TokenizerFast.from_pretrained(str(shared_dir() / "tokenizers" / "gpt2"))
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-                                  act_fn="gelu_new", normalization_type="LN", device=device, seed=seed)
-    model = HookedTransformer(cfg, tokenizer=tok)
-    model.eval()
-    model.requires_grad_(False)
-    hook = "blocks.6.hook_resid_pre"
-    sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=d_sae, device=device, metadata=SAEMetadata(hook_name=hook, prepend_bos=True, context_size=128)))
-    sae.requires_grad_(False)
-    return Subject(model=model, tokenizer=model.tokenizer, sae=sae, hook_name=hook, layer=6, prepend_bos=True, context_size=128,
-                   model_key="gpt2-shaped-random", sae_key="random-standard-sae")
+from benchmarks.shapes import gpt2_shaped_subject  # noqa: E402
 
 
 def measure(subject: Subject, latent: int, iterations: int, **settings) -> dict:
@@ -87,7 +67,7 @@ def main() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml", {"model.device": args.device})
     report("demo TinyStories-656K + jumprelu-2048", load_subject(cfg.model, cfg.sae), 958, args.demo_iterations)
     if not args.skip_gpt2:
-        report("GPT-2-small-shaped, random weights + random StandardSAE @ blocks.6", gpt2_shaped_subject(args.device), 123, args.gpt2_iterations)
+        report("GPT-2-small-shaped, random weights + random StandardSAE @ blocks.6", gpt2_shaped_subject(device=args.device), 123, args.gpt2_iterations)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import EPOConfig, load_config  # noqa: E402
@@ -48,6 +47,8 @@ from sae_targets.loading import Subject, load_subject  # noqa: E402
 from sae_targets.objectives import Objective  # noqa: E402
 from stages.dream.epo import DreamJob, run_epo_batch  # noqa: E402
 from stages.dream.evaluator import PromptEvaluator  # noqa: E402
+
+from benchmarks.shapes import gpt2_shaped_subject  # noqa: E402
 
 DEMO_LATENTS = [35, 85, 155, 551, 630, 1039, 1298, 1736]   # the demo's seed-0 draw
 
@@ -127,27 +128,11 @@ def run_reverie(subject: Subject, objectives: list[Objective], iters: int, seed:
     return sum(r.n_candidates for r in res) / len(objectives) / wall
 
 
-def gpt2_shaped_subject() -> tuple[Subject, Objective]:
-    """Random-weight GPT-2-small-shaped HookedTransformer (real GPT-2 tokenizer) and the projection
-    on a random unit direction at blocks.6.hook_resid_pre (a random StandardSAE's decoder row)."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import GPT2TokenizerFast
-
-    torch.manual_seed(0)
-    tok = GPT2TokenizerFast.from_pretrained(str(shared_dir() / "tokenizers" / "gpt2"))
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-                                  act_fn="gelu_new", normalization_type="LN", device="cpu", seed=0)
-    model = HookedTransformer(cfg, tokenizer=tok)
-    model.eval()
-    model.requires_grad_(False)
-    hook = "blocks.6.hook_resid_pre"
-    sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=16, device="cpu", metadata=SAEMetadata(hook_name=hook, prepend_bos=True, context_size=128)))
-    sae.requires_grad_(False)
-    subj = Subject(model=model, tokenizer=tok, sae=sae, hook_name=hook, layer=6, prepend_bos=True, context_size=128,
-                   model_key="gpt2-shaped-random", sae_key="random-direction")
-    return subj, Objective(sae=sae, latents=[3], quantity="projection")
+def gpt2_shaped() -> tuple[Subject, Objective]:
+    """The GPT-2-small-shaped random model and the projection on a random unit direction at
+    blocks.6.hook_resid_pre (a random StandardSAE's decoder row)."""
+    subj = gpt2_shaped_subject(d_sae=16)
+    return subj, Objective(sae=subj.sae, latents=[3], quantity="projection")
 
 
 def uptime() -> str:
@@ -198,7 +183,7 @@ def main() -> None:
     compare("(a) demo TinyStories-656K, jumprelu-2048 latent 1039 pre-activation @ blocks.1.hook_resid_pre", dreamy, demo, obj,
             args.demo_iters, args.pairs, args.threads, rcfg)
     if not args.skip_gpt2:
-        g_subj, g_obj = gpt2_shaped_subject()
+        g_subj, g_obj = gpt2_shaped()
         compare("(b) GPT-2-small-shaped random model, random direction @ blocks.6.hook_resid_pre", dreamy, g_subj, g_obj,
                 args.gpt2_iters, args.pairs, args.threads, rcfg)
     print(f"\n== (c) batched reverie EPO over 8 demo latents {DEMO_LATENTS}: per-latent cand/s vs dreamy single-latent, "

@@ -49,28 +49,9 @@ def demo_setup(max_tokens: int, batch_size: int) -> tuple[ReverieConfig, Subject
 
 def gpt2_setup(max_tokens: int, batch_size: int) -> tuple[ReverieConfig, Subject, list[int]]:
     """GPT-2-small shape (12 layers, d_model 768, vocab 50257), random weights; random StandardSAE (24,576 latents)."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import GPT2TokenizerFast
+    from benchmarks.shapes import gpt2_shaped_subject
 
-    from pipeline.paths import shared_dir
-
-    torch.manual_seed(0)
-    tok = GPT2TokenizerFast.from_pretrained(str(shared_dir() / "tokenizers" / "gpt2"))
-    tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    tcfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257,
-                                   act_fn="gelu_new", normalization_type="LN", device="cpu", seed=0)
-    model = HookedTransformer(tcfg, tokenizer=tok)
-    model.eval()
-    model.requires_grad_(False)
-    hook = "blocks.6.hook_resid_pre"
-    sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=24576, metadata=SAEMetadata(hook_name=hook, prepend_bos=True, context_size=128)))
-    sae.eval()
-    sae.requires_grad_(False)
-    subject = Subject(model=model, tokenizer=tok, sae=sae, hook_name=hook, layer=6, prepend_bos=True, context_size=128,
-                      model_key="gpt2-small-shape-random", sae_key="random-standard-24576")
+    subject = gpt2_shaped_subject(d_sae=24576)
     cfg = load_config(REPO / "configs" / "demo.toml", {"scan.max_tokens": max_tokens, "scan.batch_size": batch_size,
                                                         "scan.corpus.path": "{shared}/corpora/c4-validation-2k.parquet"})
     return cfg, subject, [3, 141, 592, 6535, 8979, 12000, 20000, 24000]
