@@ -274,6 +274,14 @@ class Score:
     metric: str
     value: float
     n: int
+    scorer: str = "detection"          # 'detection' | 'fuzzing'
+    ci_low: float | None = None        # 95% interval
+    ci_high: float | None = None
+    n_pos: int | None = None
+    n_neg: int | None = None
+    n_pos_wanted: int | None = None    # what the settings asked for (more than n_pos: the data held fewer)
+    n_neg_wanted: int | None = None
+    n_hard_neg: int | None = None
 
 
 @dataclass
@@ -289,10 +297,17 @@ class Explanation:
     def score_table(self) -> list[dict[str, Any]]:
         """Rows ``{holdout_set, metric, value, baseline, n}``: this explanation's score and the
         score of another latent's explanation on the same held-out set (None when absent)."""
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
         for s in self.scores:
-            r = rows.setdefault((s.holdout_set, s.metric), {"holdout_set": s.holdout_set, "metric": s.metric, "value": None, "baseline": None, "n": s.n})
+            r = rows.setdefault((s.holdout_set, s.scorer, s.metric), {
+                "holdout_set": s.holdout_set, "scorer": s.scorer, "metric": s.metric, "value": None, "baseline": None, "n": s.n,
+                "ci": None, "baseline_ci": None, "n_pos": None, "n_neg": None, "wanted": None, "n_hard_neg": None, "short": False})
             r["baseline" if s.baseline else "value"] = s.value
+            r["baseline_ci" if s.baseline else "ci"] = (s.ci_low, s.ci_high) if s.ci_low is not None else None
+            if not s.baseline:
+                r.update(n=s.n, n_pos=s.n_pos, n_neg=s.n_neg, n_hard_neg=s.n_hard_neg,
+                         wanted=(s.n_pos_wanted, s.n_neg_wanted) if s.n_pos_wanted else None,
+                         short=bool(s.n_pos_wanted and ((s.n_pos or 0) < s.n_pos_wanted or (s.n_neg or 0) < (s.n_neg_wanted or 0))))
         return [rows[k] for k in sorted(rows)]
 
 
@@ -573,7 +588,9 @@ def _comparison(r: dict[str, Any]) -> Comparison:
 def _explanations(rd: _Reader, td: TargetData, run_id: str) -> None:
     rows = rd.rows("explanations", "SELECT * FROM explanations WHERE run_id = ? AND target_id = ? ORDER BY source, created_at", [run_id, td.target_id])
     for r in rows:
-        scores = [Score(holdout_set=s["holdout_set"], baseline=bool(s["baseline"]), metric=s["metric"], value=float(s["value"]), n=int(s["n"]))
+        scores = [Score(holdout_set=s["holdout_set"], baseline=bool(s["baseline"]), metric=s["metric"], value=float(s["value"]), n=int(s["n"]),
+                        scorer=s.get("scorer") or "detection", ci_low=s.get("ci_low"), ci_high=s.get("ci_high"), n_pos=s.get("n_pos"),
+                        n_neg=s.get("n_neg"), n_pos_wanted=s.get("n_pos_wanted"), n_neg_wanted=s.get("n_neg_wanted"), n_hard_neg=s.get("n_hard_neg"))
                   for s in rd.rows("explain_scores", "SELECT * FROM explain_scores WHERE explanation_id = ?", [r["explanation_id"]])]
         td.explanations.append(Explanation(explanation_id=r["explanation_id"], source=r["source"], model=r["model"], text=r["text"], scores=scores))
     td.explain_failures = [(r["what"], r["why"]) for r in rd.rows(

@@ -207,7 +207,8 @@ def build_synthetic_db(project_dir: Path, seed: int = 0) -> Store:
     ])
     store.insert("explain_scores", [
         {"run_id": RUN, "target_id": "101", "explanation_id": f"{RUN}/101/both", "scored_explanation_id": f"{RUN}/{'202' if b else '101'}/both",
-         "holdout_set": hs, "baseline": b, "metric": "balanced_accuracy", "value": v, "n": 20, "n_pos": 10, "n_neg": 10}
+         "holdout_set": hs, "baseline": b, "metric": "balanced_accuracy", "value": v, "n": 20, "n_pos": 10, "n_neg": 10,
+         "ci_low": v - 0.11, "ci_high": min(1.0, v + 0.09), "ci_method": "bootstrap", "n_pos_wanted": 50, "n_neg_wanted": 10, "n_hard_neg": 5}
         for hs, b, v in (("dataset", False, 0.85), ("dataset", True, 0.52), ("dreams", False, 0.7), ("dreams", True, 0.5))
     ])
     store.insert("explain_failures", [
@@ -346,6 +347,9 @@ def test_feature_panel_logit_lens_and_neighbours(report):
     assert "Member latent 101" in combo and "Member latent 202" in combo and " top202_1" in combo
     p303 = (index.parent / "latent-303.html").read_text()
     assert "No logit lens stored for latent 303" in p303
+    # scores show their 95% interval, the n used and that it is fewer than wanted
+    for needle in ("[0.74, 0.94]", "20 (10 + 10, 5 hard negatives)", "fewer than the 50 + 10 wanted", "detection"):
+        assert needle in html, needle
 
 
 def test_missing_pieces_say_so(report):
