@@ -226,14 +226,14 @@ def test_nan_weights_fail_check_fit_with_a_clear_message(subject):
 def test_nan_activations_fail_the_scan_unit(demo_cfg, subject, monkeypatch):
     import stages.scan.stage as scan_stage
 
-    real = scan_stage.batch_activations
+    real = scan_stage.rank_and_post
 
     def nan_acts(*a, **k):
         rank, post = real(*a, **k)
         rank[0, 1, 0] = float("nan")
         return rank, post
 
-    monkeypatch.setattr(scan_stage, "batch_activations", nan_acts)
+    monkeypatch.setattr(scan_stage, "rank_and_post", nan_acts)
     cfg = load_config(DEMO_CONFIG, {"scan.max_tokens": 300, "scan.batch_size": 2})
     with pytest.raises(FloatingPointError, match=r"NaN/Inf latent activations .*latent 5"):
         scan_stage.scan_pass(cfg, subject, [5, 9], progress=False)
