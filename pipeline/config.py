@@ -64,6 +64,7 @@ class SAEConfig(Section):
     sae_id: str | None = Field(None, description="SAE id inside the release (e.g. 'blocks.6.hook_resid_pre').")
     path: str | None = Field("{shared}/saes/tinystories-656k-res/jumprelu-2048", description="Local sae-lens directory (cfg.json + sae_weights.safetensors [+ sparsity.safetensors]).")
     expected_model: str | None = Field(None, description="Model name the SAE must have been trained on; a mismatch warns. Default: the model's name.")
+    norm_scaling_factor: float | None = Field(None, gt=0, description="For a local SAE saved with normalize_activations = 'expected_average_only_in': the factor sqrt(d_in)/E|x| to fold into its weights as sae-lens's from_pretrained does (default: the folder's activation_scaler.json; without either, a warning). Registry SAEs are folded by sae-lens.")
 
     @field_validator("release", "sae_id", "path", mode="before")
     @classmethod
@@ -99,6 +100,7 @@ class TargetsConfig(Section):
     offset: float = Field(1.0, description="Offset added before the ReLU of the lp combination, so negative activations still get a gradient.")
     quantity: Literal["pre", "post", "projection"] = Field("pre", description="What the objective reads: SAE pre-activation, post-activation (architecture-aware), or projection on the unit decoder direction.")
     reduce: Literal["last", "max"] = Field("last", description="Read the latent at the last prompt token, or the max over optimized positions.")
+    allow_repeats: bool = Field(False, description="Random draw: false = prefer latents of the SAE that no earlier nightly explained (repeats only when too few new ones are alive); true = draw uniformly, repeats allowed.")
 
     @field_validator("combinations")
     @classmethod
@@ -250,6 +252,7 @@ class RunConfig(Section):
     ray_num_gpus_per_task: float = Field(0.0, ge=0, description="Ray: GPUs per dream task (e.g. 1).")
     run_id: str | None = Field(None, description="Run id (default: 'nightly-<date>'); rerunning the same id resumes it.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads of the driver and each worker (None = torch's default). Tiny models run fastest with 1.")
+    reuse_dreams: bool = Field(True, description="A target already dreamed by an earlier run with the same model/SAE/objective/EPO fingerprint gets those dream rows instead of a new EPO run (false: always dream).")
 
     @field_validator("run_id")
     @classmethod

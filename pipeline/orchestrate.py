@@ -8,6 +8,7 @@ import uuid
 
 from pipeline.config import ReverieConfig
 from pipeline.errors import StoreWriteError
+from pipeline.sae_identity import record_sae
 from pipeline.store import Store
 from sae_targets.loading import Subject
 from sae_targets.selection import Target
@@ -43,6 +44,7 @@ def record_targets(cfg: ReverieConfig, subject: Subject, targets: list[Target], 
     run_id = run_id or new_run_id(kind)
     with Store(cfg.project.path) as store:
         store.start_run(run_id, kind, json.dumps(cfg.to_toml_dict(), sort_keys=True), cfg.fingerprint())
+        record_sae(store, run_id, subject)
         store.replace("targets", {"run_id": run_id}, target_rows(run_id, subject, targets, density_source))
         if kind == "targets":
             store.finish_run(run_id, "done", summary={"n_targets": len(targets)})
@@ -60,7 +62,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("reverie.nightly")
 
-STAGES = ("targets", "scan", "dream", "compare", "explain", "report")
+STAGES = ("targets", "scan", "dream", "compare", "explain", "report", "atlas")
 RUN_LEVEL = "*"  # target_id of units that cover the whole run
 
 
@@ -88,6 +90,7 @@ class NightlySummary:
     notes: list[str] = field(default_factory=list)
     skipped_units: dict[str, list[str]] = field(default_factory=dict)
     report_reused: bool = False
+    atlas_html: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -315,13 +318,18 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
         if not ledger.is_done(RUN_LEVEL, "targets"):  # bad latent ids fail here, before the model loads
             precheck_targets(cfg.targets.latents, cfg.targets.combinations, cfg.sae, n_random=cfg.targets.n_random)
         subject = load_subject(cfg.model, cfg.sae)
+        record_sae(store, run_id, subject)
 
         # targets ---------------------------------------------------------------
         if ledger.is_done(RUN_LEVEL, "targets"):
             targets = _stored_targets(store, run_id)
             summary.skipped += 1
         else:
-            chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
+            from pipeline.reuse import explained_latents
+
+            # the random draw prefers latents no earlier night explained (targets.allow_repeats = true: no preference)
+            seen = set() if cfg.targets.allow_repeats else explained_latents(store, subject.sae_key, run_id)
+            chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus, explained=seen)
             ok, _ = ledger.run(RUN_LEVEL, "targets", lambda: store.replace("targets", {"run_id": run_id}, target_rows(run_id, subject, chosen, source)))
             targets = chosen if ok else []
         log.info("targets: %s", ", ".join(t.target_id for t in targets))
@@ -343,6 +351,12 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
 
         todo = [t for t in targets if not ledger.is_done(t.target_id, "dream")]
         summary.skipped += len(targets) - len(todo)
+        from pipeline.reuse import dream_fingerprint, mark_fingerprint, reuse_dreams
+
+        if todo:  # cross-night reuse: a target dreamed before under the same fingerprint gets those rows
+            n_todo = len(todo)
+            todo = reuse_dreams(cfg, subject, store, ledger, run_id, todo)
+            changed = changed or len(todo) < n_todo
         if todo:
             changed = True
             from pipeline.executors import make_executor
@@ -363,6 +377,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
                     _check_finite(results)
                     for r in results:
                         write_dream(store, run_id, target, r)
+                    mark_fingerprint(store, run_id, target.target_id, dream_fingerprint(cfg, subject, target))
 
                 # the unit's wall time is its compute: its share of the batched search(es)
                 ledger.run(target.target_id, "dream", write, wall_s=sum(r.wall_s for r in results))
@@ -407,6 +422,12 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             ok, index = ledger.run(RUN_LEVEL, "report", lambda: render_reports(cfg, store, run_id), atomic=False)
             summary.index_html = index
             store.set_report_key(run_id, key if ok else None)
+
+        # atlas (issue 15): this night's summary rows, its diff with the night before, the site over all nights
+        from reports.atlas import update_atlas
+
+        ok, atlas_index = ledger.run(RUN_LEVEL, "atlas", lambda: update_atlas(cfg, store, run_id), atomic=False)
+        summary.atlas_html = atlas_index if ok else None
     except BaseException as e:
         error = e
         if is_interrupt(e):
@@ -470,7 +491,7 @@ def report_key(cfg: ReverieConfig, store: Store, run_id: str) -> str:
 
     # a 'skipped' unit (explain without an API key) is re-recorded each session without new rows: its time does not count
     units = store.fetch("SELECT target_id, stage, status, CASE WHEN status = 'skipped' THEN NULL ELSE CAST(ended_at AS VARCHAR) END AS ended "
-                        "FROM units WHERE run_id = ? AND stage <> 'report' ORDER BY stage, target_id", [run_id])
+                        "FROM units WHERE run_id = ? AND stage NOT IN ('report', 'atlas') ORDER BY stage, target_id", [run_id])
     run = store.fetch_one("SELECT status FROM runs WHERE run_id = ?", [run_id])
     blob = json.dumps({"units": units, "status": run["status"] if run else None, "config": cfg.fingerprint(),
                        "code": code_version()}, sort_keys=True, default=str)

@@ -433,19 +433,17 @@ def _seed_of(dream_id: str, seeds: dict[str, int]) -> int:
     return int(m.group(1)) if m else 0
 
 
-def neuronpedia_id_for(sae_key: str, summary: dict[str, Any]) -> str | None:
-    """The SAE's Neuronpedia id: ``runs.summary_json['neuronpedia_id']`` when present, else the
-    ``metadata.neuronpedia_id`` of a local SAE's ``cfg.json`` (a registry SAE's id is not
-    stored), else None."""
-    np_id = summary.get("neuronpedia_id")
-    if isinstance(np_id, str) and np_id:
-        return np_id
-    cfg_path = Path(sae_key) / "cfg.json"
+def neuronpedia_id_for(store: Store, run_id: str, summary: dict[str, Any]) -> str | None:
+    """The SAE's Neuronpedia id as recorded at run start (table ``run_saes``, registry SAEs
+    included), else ``runs.summary_json['neuronpedia_id']`` (runs recorded before migration 0012),
+    else None. The SAE's folder is never re-read: it may have changed since the run."""
     try:
-        meta = json.loads(cfg_path.read_text()).get("metadata") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    np_id = meta.get("neuronpedia_id") if isinstance(meta, dict) else None
+        row = store.fetch_one("SELECT neuronpedia_id FROM run_saes WHERE run_id = ?", [run_id])
+    except Exception:  # noqa: BLE001 - a database older than migration 0012 has no such table
+        row = None
+    np_id = row.get("neuronpedia_id") if row else None
+    if not (isinstance(np_id, str) and np_id):
+        np_id = summary.get("neuronpedia_id")
     return np_id if isinstance(np_id, str) and np_id else None
 
 
@@ -682,7 +680,7 @@ def load_run(store: Store, run_id: str, n_top: int = 20, n_per_bin: int = 2) -> 
     ids.sort(key=lambda s: (s.count("+"), [int(x) if x.isdigit() else 0 for x in s.split("+")], s))
     targets = [load_target(store, run_id, tid, n_top=n_top, n_per_bin=n_per_bin) for tid in ids]
     if targets:
-        run.neuronpedia_id = neuronpedia_id_for(targets[0].sae_key, run.summary)
+        run.neuronpedia_id = neuronpedia_id_for(store, run_id, run.summary)
     cs = rd.rows("compare_summary", "SELECT * FROM compare_summary WHERE run_id = ?", [run_id])
     summary = CompareSummary(**{k: cs[0].get(k) for k in CompareSummary.__dataclass_fields__}) if cs else None
     units = [UnitInfo(stage=u["stage"], target_id=u["target_id"], status=u["status"], wall_s=u["wall_s"], error=u["error"])

@@ -48,6 +48,9 @@ class Subject:
         log10_density: per-latent log10 firing frequency, shape [d_sae], float32 (sparsity file), or None.
         model_sha / sae_sha: content hashes (16 hex characters) of the model's and the SAE's files
             (:func:`pipeline.hashing.dir_sha256`; for hub names, the name), part of every cache key.
+        model_kwargs: the SAE's ``model_from_pretrained_kwargs`` the model was loaded with.
+        normalization: the SAE's ``normalize_activations`` as saved (before any folding).
+        norm_scaling_factor: the ``expected_average_only_in`` factor folded into the SAE's weights, or None.
     """
 
     model: Any
@@ -64,6 +67,9 @@ class Subject:
     extra: dict[str, Any] = field(default_factory=dict)
     model_sha: str | None = None
     sae_sha: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    normalization: str = "none"
+    norm_scaling_factor: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +151,7 @@ def load_tokenizer(model_dir: Path, no_prefix_space: bool = False) -> Any:
             tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - report any tokenizer failure with the folder
         raise LoadError(f"cannot load a tokenizer from {model_dir}: {e}. The folder needs tokenizer.json or tokenizer files.") from None
-    if no_prefix_space:
+    if no_prefix_space and _prepends_prefix(tok):  # a byte-level BPE (GPT-2, NeoX) keeps its own normalizer
         from tokenizers import normalizers
 
         tok.backend_tokenizer.normalizer = normalizers.Replace(" ", "▁")
@@ -153,6 +159,17 @@ def load_tokenizer(model_dir: Path, no_prefix_space: bool = False) -> Any:
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+def _prepends_prefix(tok: Any) -> bool:
+    """Whether a fast tokenizer's normalizer prepends a dummy prefix (SentencePiece's '▁')."""
+    import json
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    norm = json.loads(backend.to_str()).get("normalizer")
+    return '"Prepend"' in json.dumps(norm)
 
 
 def _quietly(fn: Any) -> Any:
@@ -178,12 +195,62 @@ def _neutral_dir(model_dir: Path) -> Path:
     return model_dir
 
 
-def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, Any, str]:
-    """Load the subject model as a transformer_lens ``HookedTransformer``.
+# transformer_lens's weight processing flags, and their values in ``from_pretrained_no_processing``
+# (what sae-lens loads every subject model with, overridden by the SAE's ``model_from_pretrained_kwargs``)
+NO_PROCESSING = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
+                 "fold_value_biases": False, "refactor_factored_attn_matrices": False}
+# keyword arguments of ``get_pretrained_model_config`` that a local model honours as well
+_LOCAL_CONFIG_KWARGS = ("n_ctx", "first_n_layers", "default_prepend_bos")
+
+
+def sae_model_kwargs(sae: Any) -> dict[str, Any]:
+    """The SAE's ``cfg.metadata.model_from_pretrained_kwargs`` as a new dict ({} when absent):
+    the keyword arguments sae-lens passes to ``HookedTransformer.from_pretrained_no_processing``
+    when it loads the model the SAE was trained on (e.g. ``{'center_writing_weights': False}``)."""
+    meta = getattr(sae.cfg, "metadata", None)
+    kw = getattr(meta, "model_from_pretrained_kwargs", None) if meta is not None else None
+    return dict(kw or {})
+
+
+def processing_flags(kwargs: dict[str, Any], tl_cfg: Any | None = None) -> dict[str, bool]:
+    """Weight-processing flags for ``HookedTransformer.load_and_process_state_dict``, chosen as
+    ``from_pretrained_no_processing(**kwargs)`` chooses them: every flag False unless ``kwargs``
+    sets it, then transformer_lens's own guards (no folding/centring for shortformer or post-norm
+    architectures, no unembedding centring with logit soft-capping) when ``tl_cfg`` (a
+    ``HookedTransformerConfig``) is given.
+
+    Returns:
+        ``{fold_ln, center_writing_weights, center_unembed, fold_value_biases,
+        refactor_factored_attn_matrices}`` as bools.
+    """
+    flags = {k: bool(kwargs.get(k, v)) for k, v in NO_PROCESSING.items()}
+    if tl_cfg is not None:
+        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+        if tl_cfg.positional_embedding_type == "shortformer":
+            flags.update(fold_ln=False, center_writing_weights=False, center_unembed=False)
+        if tl_cfg.original_architecture in POST_NORM_ARCHITECTURES:
+            flags.update(fold_ln=False, center_writing_weights=False)
+        cap = getattr(tl_cfg, "output_logits_soft_cap", None)
+        if cap is not None and cap > 0:
+            flags["center_unembed"] = False
+    return flags
+
+
+def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
+    """Load the subject model as a transformer_lens ``HookedTransformer``, by sae-lens's rules.
+
+    A hub name loads with ``HookedTransformer.from_pretrained_no_processing(name, **model_kwargs)``
+    (sae-lens's ``load_model``); a local folder gets the same processing choices
+    (:func:`processing_flags`) applied to its weights, plus the config keywords ``n_ctx``,
+    ``first_n_layers`` and ``default_prepend_bos``; other keywords are logged as not applied.
+    ``model.device`` and ``model.dtype`` from ``cfg`` always win over ``device``/``dtype`` keywords.
 
     Args:
         cfg: ``[model]`` section: ``name`` (hub) or ``path`` (local HF directory), device, dtype.
         no_prefix_space: see :func:`load_tokenizer`.
+        model_kwargs: the SAE's ``model_from_pretrained_kwargs`` (:func:`sae_model_kwargs`);
+            None or {} = no processing at all.
 
     Returns:
         ``(model, tokenizer, model_key)``; the model is in eval mode with weights frozen.
@@ -193,13 +260,14 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, An
         LoadError: missing folder, missing config.json, unreadable or corrupt weights.
     """
     dtype = _DTYPES[cfg.dtype]
+    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k not in ("device", "dtype", "torch_dtype")}
     if cfg.name:
         from transformer_lens import HookedTransformer  # a heavy import (seconds): only once the paths are known to be right
 
         fix = "Set model.path to a local Hugging Face model directory (e.g. '{shared}/models/tinystories-656k'), or fill the HF cache while online."
         check_hub_reachable(f"model {cfg.name!r}", fix)
         try:
-            model = HookedTransformer.from_pretrained(cfg.name, device=cfg.device, dtype=dtype)
+            model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=cfg.device, dtype=dtype, **kwargs)
         except Exception as e:  # noqa: BLE001
             if hub_offline():
                 raise offline_error(f"model {cfg.name!r}", fix, e) from None
@@ -229,14 +297,20 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False) -> tuple[Any, An
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tl_cfg = lfp.get_pretrained_model_config(str(neutral), device=cfg.device, dtype=dtype, fold_ln=False)
+            cfg_kw = {k: kwargs[k] for k in _LOCAL_CONFIG_KWARGS if k in kwargs}
+            flags = processing_flags(kwargs)
+            tl_cfg = lfp.get_pretrained_model_config(str(neutral), device=cfg.device, dtype=dtype, fold_ln=flags["fold_ln"], **cfg_kw)
+            flags = processing_flags(kwargs, tl_cfg)
             model = HookedTransformer(tl_cfg, tokenizer=tok, move_to_device=False)
             state = lfp.get_pretrained_state_dict(str(neutral), tl_cfg, hf_model=hf_model, dtype=dtype)
-            model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+            model.load_and_process_state_dict(state, **flags)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"transformer_lens cannot build a HookedTransformer from {model_dir}: {type(e).__name__}: {e}") from None
     model.to(cfg.device, print_details=False)  # transformer_lens prints "Moving model to device" otherwise
-    log.info("model %s loaded on %s (%s)", model_dir, cfg.device, cfg.dtype)
+    ignored = sorted(set(kwargs) - set(NO_PROCESSING) - set(_LOCAL_CONFIG_KWARGS))
+    if ignored:
+        log.warning("the SAE's model_from_pretrained_kwargs %s are not applied to a local model folder (%s)", ignored, model_dir)
+    log.info("model %s loaded on %s (%s), processing %s", model_dir, cfg.device, cfg.dtype, flags)
     model.eval()
     model.requires_grad_(False)
     return model, tok, str(model_dir)
@@ -289,12 +363,12 @@ def load_sae(cfg: SAEConfig, device: str) -> tuple[Any, str, torch.Tensor | None
                 raise LoadError(f"{sae_dir} has no {f}: not a sae-lens SAE directory. Set sae.path to a folder saved by sae-lens "
                                 "(cfg.json + sae_weights.safetensors, e.g. '{shared}/saes/tinystories-656k-res/jumprelu-2048'), "
                                 "or use sae.release + sae.sae_id from the sae-lens registry.")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sae = SAE.load_from_disk(str(sae_dir), device=device)
+        try:  # sae-lens's own warnings (e.g. non-empty model_from_pretrained_kwargs) are shown, not silenced
+            sae = SAE.load_from_disk(str(sae_dir), device=device)
         except Exception as e:  # noqa: BLE001
             raise LoadError(f"cannot load the SAE in {sae_dir}: {type(e).__name__}: {e}. cfg.json or sae_weights.safetensors may be corrupt; restore them.") from None
+        sae._reverie_normalization = str(getattr(sae.cfg, "normalize_activations", "none"))
+        sae._reverie_norm_factor = fold_norm_scaling(sae, sae_dir, cfg.norm_scaling_factor)
         density = None
         sp = sae_dir / "sparsity.safetensors"
         if sp.exists():
@@ -311,15 +385,65 @@ def load_sae(cfg: SAEConfig, device: str) -> tuple[Any, str, torch.Tensor | None
     fix = "Set sae.path to a local sae-lens directory (e.g. '{shared}/saes/tinystories-656k-res/jumprelu-2048'), or fill the HF cache while online."
     what = f"SAE {cfg.release}/{cfg.sae_id}"
     check_hub_reachable(what, fix)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(cfg.release, cfg.sae_id, device=device)
+    try:  # from_pretrained folds expected_average_only_in scaling itself (the registry's norm_scaling_factor)
+        sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(cfg.release, cfg.sae_id, device=device)
     except Exception as e:  # noqa: BLE001
         if hub_offline():
             raise offline_error(what, fix, e) from None
         raise LoadError(f"cannot load {what}: {type(e).__name__}: {e}") from None
+    from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+
+    factor = get_norm_scaling_factor(cfg.release, cfg.sae_id)  # what from_pretrained folded, if anything
+    sae._reverie_normalization = "expected_average_only_in" if factor is not None else str(getattr(sae.cfg, "normalize_activations", "none"))
+    sae._reverie_norm_factor = factor
     return sae, f"{cfg.release}/{cfg.sae_id}", None if sparsity is None else sparsity.float().cpu()
+
+
+def fold_norm_scaling(sae: Any, sae_dir: Path | None, factor: float | None = None) -> float | None:
+    """Fold ``normalize_activations = "expected_average_only_in"`` scaling into the SAE's weights,
+    exactly as sae-lens does (``SAE.fold_activation_norm_scaling_factor``: ``W_enc *= s``,
+    ``W_dec /= s``, ``b_dec /= s``, then ``normalize_activations = "none"``), so the SAE reads raw
+    hook activations. ``SAE.from_pretrained`` folds the registry's ``norm_scaling_factor`` itself;
+    ``SAE.load_from_disk`` does not, and at run time sae-lens treats this mode as the identity, so
+    an unfolded SAE sees activations off by the constant factor ``s = sqrt(d_in) / E‖x‖``.
+
+    The factor comes from ``factor`` (``sae.norm_scaling_factor``), else from the folder's
+    ``activation_scaler.json`` (``{"scaling_factor": s}``, written beside a sae-lens training
+    checkpoint). Without one the SAE is left as it is, with a warning.
+
+    Args:
+        sae: a loaded sae-lens ``SAE`` (changed in place).
+        sae_dir: the SAE's folder, or None for a registry SAE.
+        factor: an explicit scaling factor (> 0), or None.
+    Returns:
+        The factor folded, or None (nothing to fold, or no factor found).
+    Raises:
+        LoadError: ``activation_scaler.json`` is unreadable or its factor is not a positive number.
+    """
+    import json
+
+    if getattr(sae.cfg, "normalize_activations", "none") != "expected_average_only_in":
+        return None
+    src = "sae.norm_scaling_factor"
+    if factor is None and sae_dir is not None and (sae_dir / "activation_scaler.json").is_file():
+        f = sae_dir / "activation_scaler.json"
+        src = str(f)
+        try:
+            factor = json.loads(f.read_text()).get("scaling_factor")
+        except (OSError, ValueError, AttributeError) as e:
+            raise LoadError(f"cannot read {f}: {e}. Restore it, or set sae.norm_scaling_factor.") from None
+    if factor is None:
+        msg = (f"the SAE {sae_dir or ''} was saved with normalize_activations='expected_average_only_in' and no scaling factor "
+               "(sae-lens's load_from_disk does not fold it): its activations are off by a constant factor sqrt(d_in)/E|x|. "
+               "Set sae.norm_scaling_factor, or put the training run's activation_scaler.json beside cfg.json.")
+        warnings.warn(msg, stacklevel=2)
+        log.warning("%s", msg)
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0 or factor == float("inf"):
+        raise LoadError(f"the norm scaling factor from {src} is {factor!r}; it must be a positive number (sqrt(d_in) / mean activation norm).")
+    sae.fold_activation_norm_scaling_factor(float(factor))
+    log.info("folded norm scaling factor %.6g (from %s) into the SAE", factor, src)
+    return float(factor)
 
 
 # --------------------------------------------------------------------------- checks
@@ -416,8 +540,9 @@ def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
     Raises:
         LoadError, OfflineError, TargetError: see :func:`load_model`, :func:`load_sae`, :func:`check_fit`.
     """
-    model, tok, model_key = load_model(model_cfg, no_prefix_space=model_cfg.tokenizer_no_prefix_space)
-    sae, sae_key, density = load_sae(sae_cfg, model_cfg.device)
+    sae, sae_key, density = load_sae(sae_cfg, model_cfg.device)  # first: its metadata says how to load the model
+    model_kwargs = sae_model_kwargs(sae)
+    model, tok, model_key = load_model(model_cfg, no_prefix_space=model_cfg.tokenizer_no_prefix_space, model_kwargs=model_kwargs)
     sae.requires_grad_(False)
     sae.eval()
     sae._reverie_source = sae_key  # named in check_fit's messages
@@ -430,6 +555,9 @@ def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
         prepend_bos=True if prepend is None else bool(prepend), context_size=int(ctx),
         model_key=model_key, sae_key=sae_key, neuronpedia_id=getattr(meta, "neuronpedia_id", None),
         log10_density=density, model_sha=input_sha(model_key, MODEL_FILES), sae_sha=input_sha(sae_key, SAE_FILES),
+        model_kwargs=model_kwargs, normalization=getattr(sae, "_reverie_normalization", "none"),
+        norm_scaling_factor=getattr(sae, "_reverie_norm_factor", None),
+        extra={"sae_release": sae_cfg.release, "sae_id": sae_cfg.sae_id} if not sae_cfg.path else {},
     )
 
 
