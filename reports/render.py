@@ -16,6 +16,7 @@ import base64
 import datetime as dt
 import hashlib
 import math
+import os
 import re
 import shutil
 import unicodedata
@@ -312,9 +313,13 @@ def render_reports(cfg: ReverieConfig, store: Store, run_id: str | None, out_dir
     sort_js, sort_hash = _script(env, "sort_script.html")
     common = {"run": run, "sort_js": sort_js, "csp": _csp([sort_hash]), "generated": fmt_time(dt.datetime.now(dt.timezone.utc))}
     page = env.get_template("latent.html")
+    from reports.atlas import atlas_dir, other_nights
+
+    atlas_href = Path(os.path.relpath(atlas_dir(cfg).resolve() / "index.html", out)).as_posix()
     for td in run.targets:
         panels = load_panels(store, td, run.run.run_id, out, page_name, lambda r: default_out_dir(cfg, r))
-        html = page.render(**common, **_target_view(td, cfg, run, out), panels=panels)
+        nights = other_nights(cfg, store, run.run.run_id, td.sae_key, td.target_id, out)  # the same latent's pages on other nights
+        html = page.render(**common, **_target_view(td, cfg, run, out), panels=panels, other_nights=nights, atlas_href=atlas_href)
         (out / page_name(td.target_id)).write_text(html, encoding="utf-8")
     figs = {"ratio": plots.ratio_distribution(run.targets, out / "index-ratio.png"),
             "beats": plots.beats_fraction(run.targets, out / "index-beats.png")}

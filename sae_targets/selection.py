@@ -85,10 +85,14 @@ def log10_densities(subject: Subject, tcfg: TargetsConfig, corpus: CorpusConfig)
     return estimate_log10_density(subject, corpus, tcfg.density_scan_tokens), "corpus scan"
 
 
-def random_alive_latents(log10_density: torch.Tensor, n: int, seed: int, floor: float, ceiling: float) -> list[int]:
+def random_alive_latents(log10_density: torch.Tensor, n: int, seed: int, floor: float, ceiling: float,
+                         explained: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """Draw ``n`` distinct latents uniformly among those with ``floor < log10 density < ceiling``.
 
-    Deterministic for a given seed and density vector. Returns ids sorted ascending.
+    Deterministic for a given seed, density vector and ``explained`` set. Latents in ``explained``
+    (explained on earlier nights) are drawn only when fewer than ``n`` alive latents are new: all
+    new ones first, the rest uniformly among the explained ones. With ``explained`` empty the draw
+    is exactly the plain uniform one. Returns ids sorted ascending.
 
     Raises:
         TargetError: fewer than ``n`` latents are alive within the bounds.
@@ -101,11 +105,19 @@ def random_alive_latents(log10_density: torch.Tensor, n: int, seed: int, floor: 
             "lower targets.log10_density_min, raise targets.log10_density_max, or ask for fewer"
         )
     rng = np.random.default_rng(seed)
-    return sorted(int(i) for i in rng.choice(alive, size=n, replace=False))
+    fresh = np.array([i for i in alive if int(i) not in explained], dtype=alive.dtype) if explained else alive
+    if len(fresh) >= n:
+        return sorted(int(i) for i in rng.choice(fresh, size=n, replace=False))
+    old = np.array([i for i in alive if int(i) in explained], dtype=alive.dtype)
+    return sorted([int(i) for i in fresh] + [int(i) for i in rng.choice(old, size=n - len(fresh), replace=False)])
 
 
-def select_targets(subject: Subject, tcfg: TargetsConfig, corpus: CorpusConfig) -> tuple[list[Target], str]:
+def select_targets(subject: Subject, tcfg: TargetsConfig, corpus: CorpusConfig,
+                   explained: set[int] | frozenset[int] = frozenset()) -> tuple[list[Target], str]:
     """The run's targets: explicit or random single latents, then the configured combinations.
+
+    ``explained``: latents explained on earlier nights; the random draw takes them only when too
+    few new alive latents remain (:func:`random_alive_latents`). Explicit latents are never affected.
 
     Returns:
         ``(targets, density_source)``.
@@ -128,7 +140,7 @@ def select_targets(subject: Subject, tcfg: TargetsConfig, corpus: CorpusConfig) 
         ids = explicit
     else:
         seed = default_seed() if tcfg.seed is None else tcfg.seed
-        ids = random_alive_latents(dens, tcfg.n_random, seed, tcfg.log10_density_min, tcfg.log10_density_max)
+        ids = random_alive_latents(dens, tcfg.n_random, seed, tcfg.log10_density_min, tcfg.log10_density_max, explained=explained)
     d = dens.tolist()
     targets = [Target(latents=[i], log10_density=[d[i]]) for i in ids]
     targets += [Target(latents=list(c), combine=tcfg.combine, log10_density=[d[i] for i in c]) for c in tcfg.combinations]
