@@ -101,7 +101,6 @@ class TargetsConfig(Section):
     quantity: Literal["pre", "post", "projection"] = Field("pre", description="What the objective reads: SAE pre-activation, post-activation (architecture-aware), or projection on the unit decoder direction.")
     reduce: Literal["last", "max"] = Field("last", description="Read the latent at the last prompt token, or the max over optimized positions.")
     allow_repeats: bool = Field(False, description="Random draw: false = prefer latents of the SAE that no earlier nightly explained (repeats only when too few new ones are alive); true = draw uniformly, repeats allowed.")
-    allow_repeats: bool = Field(False, description="Random draw: false = prefer latents of the SAE that no earlier nightly explained (repeats only when too few new ones are alive); true = draw uniformly, repeats allowed.")
 
     @field_validator("combinations")
     @classmethod
@@ -253,7 +252,6 @@ class RunConfig(Section):
     ray_num_gpus_per_task: float = Field(0.0, ge=0, description="Ray: GPUs per dream task (e.g. 1).")
     run_id: str | None = Field(None, description="Run id (default: 'nightly-<date>'); rerunning the same id resumes it.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads of the driver and each worker (None = torch's default). Tiny models run fastest with 1.")
-    reuse_dreams: bool = Field(True, description="A target already dreamed by an earlier run with the same model/SAE/objective/EPO fingerprint gets those dream rows instead of a new EPO run (false: always dream).")
     reuse_dreams: bool = Field(True, description="A target already dreamed by an earlier run with the same model/SAE/objective/EPO fingerprint gets those dream rows instead of a new EPO run (false: always dream).")
 
     @field_validator("run_id")
