@@ -29,7 +29,7 @@ _disk_loaded = False
 # files of a model / SAE folder whose bytes define it (weights, configs, tokenizer)
 MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "config.json", "generation_config.json",
                "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
-SAE_FILES = ("*.safetensors", "*.bin", "*.pt", "cfg.json")
+SAE_FILES = ("*.safetensors", "*.bin", "*.pt", "cfg.json", "activation_scaler.json")
 
 
 def cache_path() -> Path:

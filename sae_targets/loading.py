@@ -237,6 +237,58 @@ def processing_flags(kwargs: dict[str, Any], tl_cfg: Any | None = None) -> dict[
     return flags
 
 
+def _architecture(hf_model: Any) -> str | None:
+    archs = getattr(hf_model.config, "architectures", None) or []
+    return archs[0] if archs else type(hf_model).__name__
+
+
+def _gemma3_cfg(hf: Any) -> dict[str, Any]:
+    """transformer_lens config fields of a text-only Gemma-3 (``Gemma3ForCausalLM``) from its HF config:
+    transformer_lens 3.x builds these only for the hub names ``google/gemma-3-*`` (a hard-coded dict
+    per size, loading_from_pretrained.py); this reads the same fields from ``config.json``."""
+    types = list(getattr(hf, "layer_types", None) or [])
+    if not types:
+        pattern = int(getattr(hf, "sliding_window_pattern", 6) or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(hf.num_hidden_layers)]
+    rope = getattr(hf, "rope_parameters", None) or {}
+    theta = (rope.get("full_attention") or {}).get("rope_theta") if isinstance(rope, dict) else None
+    theta_local = (rope.get("sliding_attention") or {}).get("rope_theta") if isinstance(rope, dict) else None
+    d = {
+        "d_model": hf.hidden_size, "d_head": hf.head_dim, "n_heads": hf.num_attention_heads, "d_mlp": hf.intermediate_size,
+        "n_layers": hf.num_hidden_layers, "n_ctx": min(int(hf.max_position_embeddings), 8192), "eps": hf.rms_norm_eps,
+        "d_vocab": hf.vocab_size, "act_fn": hf.hidden_activation, "initializer_range": hf.initializer_range,
+        "normalization_type": "RMS", "rotary_base": theta or getattr(hf, "rope_theta", 1_000_000),
+        "rotary_base_local": theta_local or getattr(hf, "rope_local_base_freq", 10_000), "positional_embedding_type": "rotary",
+        "use_attn_scale": True, "attn_scale": float(hf.query_pre_attn_scalar) ** 0.5, "n_key_value_heads": hf.num_key_value_heads,
+        "gated_mlp": True, "final_rms": True, "use_normalization_before_and_after": True, "use_qk_norm": True,
+        "window_size": hf.sliding_window, "use_local_attn": True,
+        "attn_types": ["global" if t == "full_attention" else "local" for t in types],
+    }
+    if getattr(hf, "final_logit_softcapping", None):
+        d["output_logits_soft_cap"] = float(hf.final_logit_softcapping)
+    if getattr(hf, "attn_logit_softcapping", None):
+        d["attn_scores_soft_cap"] = float(hf.attn_logit_softcapping)
+    return d
+
+
+_LOCAL_CONFIGS = {"Gemma3ForCausalLM": _gemma3_cfg}
+
+
+def _local_tl_config(hf_model: Any, name: str, device: str, dtype: torch.dtype, fold_ln: bool, **kw: Any) -> Any:
+    """A ``HookedTransformerConfig`` for a local folder whose architecture transformer_lens converts
+    only by hub name (:data:`_LOCAL_CONFIGS`), finished as ``get_pretrained_model_config`` finishes one."""
+    from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
+
+    arch = _architecture(hf_model)
+    d = _LOCAL_CONFIGS[arch](hf_model.config)
+    d.update(original_architecture=arch, tokenizer_name=name, model_name=Path(name).name, init_weights=False,
+             device=device, dtype=dtype, n_devices=1, default_prepend_bos=True, from_checkpoint=False)
+    if fold_ln:
+        d["normalization_type"] = "RMSPre"
+    d.update(kw)
+    return HookedTransformerConfig.from_dict(d)
+
+
 def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
     """Load the subject model as a transformer_lens ``HookedTransformer``, by sae-lens's rules.
 
@@ -299,7 +351,10 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
             warnings.simplefilter("ignore")
             cfg_kw = {k: kwargs[k] for k in _LOCAL_CONFIG_KWARGS if k in kwargs}
             flags = processing_flags(kwargs)
-            tl_cfg = lfp.get_pretrained_model_config(str(neutral), device=cfg.device, dtype=dtype, fold_ln=flags["fold_ln"], **cfg_kw)
+            if _architecture(hf_model) in _LOCAL_CONFIGS:  # architectures transformer_lens knows by hub name only
+                tl_cfg = _local_tl_config(hf_model, str(neutral), device=cfg.device, dtype=dtype, fold_ln=flags["fold_ln"], **cfg_kw)
+            else:
+                tl_cfg = lfp.get_pretrained_model_config(str(neutral), device=cfg.device, dtype=dtype, fold_ln=flags["fold_ln"], **cfg_kw)
             flags = processing_flags(kwargs, tl_cfg)
             model = HookedTransformer(tl_cfg, tokenizer=tok, move_to_device=False)
             state = lfp.get_pretrained_state_dict(str(neutral), tl_cfg, hf_model=hf_model, dtype=dtype)
