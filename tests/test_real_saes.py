@@ -212,3 +212,18 @@ def test_sae_identity_recorded_and_read_by_reports(subject, tmp_path):
         assert neuronpedia_id_for(store, "r1", {}) == "tinystories-656k/1-res-jr"
         assert neuronpedia_id_for(store, "other", {"neuronpedia_id": "x/y"}) == "x/y"   # runs before migration 0012
         assert neuronpedia_id_for(store, "other", {}) is None
+
+
+def test_registry_sae_identity_row():
+    from types import SimpleNamespace
+
+    from pipeline.sae_identity import sae_identity_row
+
+    s = SimpleNamespace(sae_key="gemma-scope-2-270m-pt-res/layer_5_width_16k_l0_small", sae_sha="name:x", architecture="jumprelu",
+                        d_in=640, d_sae=16384, hook_name="blocks.5.hook_resid_post", prepend_bos=True, context_size=1024,
+                        normalization="none", norm_scaling_factor=None, model_kwargs={}, neuronpedia_id="gemma-3-270m/5-gemmascope-2-res-16k",
+                        model_key="google/gemma-3-270m", model_sha="name:google/gemma-3-270m",
+                        extra={"sae_release": "gemma-scope-2-270m-pt-res", "sae_id": "layer_5_width_16k_l0_small"})
+    row = sae_identity_row("r", s)
+    assert (row["source"], row["release"], row["sae_id"]) == ("registry", "gemma-scope-2-270m-pt-res", "layer_5_width_16k_l0_small")
+    assert row["neuronpedia_id"] == "gemma-3-270m/5-gemmascope-2-res-16k" and row["model_kwargs_json"] == "{}"
