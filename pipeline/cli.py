@@ -359,6 +359,59 @@ def report(
 
 @app.command()
 @handle_errors
+def diff(
+    run_a: str = typer.Argument(..., help="The earlier night's run id."),
+    run_b: str = typer.Argument(..., help="The later night's run id."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    project_dir: Optional[str] = ProjectOpt,
+) -> None:
+    """What changed from night RUN_A to night RUN_B: latents new in RUN_B, latents whose best dream,
+    verdict, explanation or score changed beyond noise (seed spread; 95% intervals), regressions
+    when the model/SAE/config fingerprint changed. Stored as rows (table night_diffs) and printed.
+    """
+    from pipeline.store import Store
+    from reports.atlas import diff_lines, record_diff
+
+    check_run_option(run_a)
+    check_run_option(run_b)
+    cfg = build_config(config, set_, **{"project.dir": project_dir})
+    with Store(cfg.project.path) as store:
+        rows = record_diff(store, run_a, run_b)
+    typer.echo(f"diff {run_a} → {run_b}: " + (", ".join(f"{sum(r['kind'] == k for r in rows)} {k}" for k in
+                                                         ("new", "returning", "changed", "regression", "fingerprint")) if rows else "no changes"))
+    for line in diff_lines(rows):
+        typer.echo(safe_text(line))
+
+
+@app.command()
+@handle_errors
+def gc(
+    keep_nights: int = typer.Option(..., "--keep-nights", help="Nightly runs kept whole (the most recent); older ones lose their bulky rows."),
+    keep_prompts: int = typer.Option(3, "--keep-prompts", help="Frontier prompts kept per dream of a collected night (highest activation)."),
+    no_compact: bool = typer.Option(False, "--no-compact", help="Do not rewrite the database file afterwards (DuckDB does not shrink a file on DELETE)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    project_dir: Optional[str] = ProjectOpt,
+) -> None:
+    """Drop old nights' bulky rows (frontier histories, attributions, most frontier prompts, scan
+    samples, LLM call logs) but keep every summary, so the atlas still lists every latent ever
+    explained; then compact the database file and print its size before and after.
+    """
+    from pipeline.retention import gc as run_gc
+
+    cfg = build_config(config, set_, **{"project.dir": project_dir})
+    res = run_gc(cfg, keep_nights, keep_prompts, do_compact=not no_compact)
+    typer.echo(f"kept {len(res.kept)} night(s) whole; collected {len(res.collected)}"
+               + (f" ({', '.join(res.collected[:8])}{', …' if len(res.collected) > 8 else ''})" if res.collected else ""))
+    for table, n in res.dropped.items():
+        if n:
+            typer.echo(f"  {table}: {n:,} rows dropped")
+    typer.echo(f"database: {res.size_before / 2**20:.1f} MiB → {res.size_after / 2**20:.1f} MiB")
+
+
+@app.command()
+@handle_errors
 def explain(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
