@@ -286,9 +286,12 @@ def nightly(
         typer.echo(line)
     total = f" ({s.total_wall_s:.1f} s over all sessions)" if s.total_wall_s > s.wall_s + 0.05 else ""
     typer.echo(f"run {s.run_id}: {s.done} units done, {s.failed} failed, {s.skipped} skipped in {s.wall_s:.1f} s{total}")
+    if s.n_dominance_known:
+        typer.echo(f"a dream dominates the dataset's best matched window (higher activation, CE not higher) on {s.n_dominates} of "
+                   f"{s.n_dominance_known} single latents; the dataset wins on {s.n_dominance_known - s.n_dominates}")
     if s.frac_beats is not None:
-        typer.echo(f"dreaming beat the dataset maximum on {s.frac_beats:.0%} of targets"
-                   + (f" ({s.frac_beats_in_dist:.0%} at in-distribution CE)" if s.frac_beats_in_dist is not None else ""))
+        typer.echo(f"secondary: the best dream beats the dataset maximum on {s.frac_beats:.0%} of single latents"
+                   + (f" ({s.frac_beats_in_dist:.0%} at CE ≤ the corpus mean + 2σ)" if s.frac_beats_in_dist is not None else ""))
     for note in s.notes:
         typer.echo(safe_text(note))
     for f in s.failures:

@@ -86,6 +86,8 @@ class NightlySummary:
     log_file: Path | None = None
     frac_beats: float | None = None
     frac_beats_in_dist: float | None = None
+    n_dominates: int | None = None          # single latents where a dream dominates the dataset's best window
+    n_dominance_known: int | None = None    # single latents with both dreams and matched dataset windows
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped_units: dict[str, list[str]] = field(default_factory=dict)
@@ -387,9 +389,10 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             from stages.compare import run_compare
 
             ok, rows = ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))
-        s = store.fetch_one("SELECT frac_beats, frac_beats_in_dist FROM compare_summary WHERE run_id = ?", [run_id])
+        s = store.fetch_one("SELECT frac_beats, frac_beats_in_dist, n_dominates, n_dominance_known FROM compare_summary WHERE run_id = ?", [run_id])
         if s:
             summary.frac_beats, summary.frac_beats_in_dist = s["frac_beats"], s["frac_beats_in_dist"]
+            summary.n_dominates, summary.n_dominance_known = s["n_dominates"], s["n_dominance_known"]
 
         # explain (optional) -------------------------------------------------------
         from stages.explain import explain_available, run_explain
@@ -460,6 +463,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
                 "done": summary.done, "failed": summary.failed, "skipped": summary.skipped,
                 "index_html": str(summary.index_html) if summary.index_html else None,
                 "frac_beats": summary.frac_beats, "frac_beats_in_dist": summary.frac_beats_in_dist,
+                "n_dominates": summary.n_dominates, "n_dominance_known": summary.n_dominance_known,
                 "failures": summary.failures, "session_wall_s": summary.wall_s,
             }, error=err_text)
         except Exception as e:  # noqa: BLE001 - the original error (if any) matters more
