@@ -127,21 +127,23 @@ class TokenCell:
     is_max: bool = False
 
 
-def shade(act: float | None, scale: float) -> str:
-    """CSS background for an activation: orange with alpha = act / scale for positive values;
-    none for zero or negative ones (a pre-activation below 0 means the latent is off)."""
-    if act is None or not math.isfinite(act) or scale <= 0 or act <= 0:
+def shade(act: float | None, scale: float, zero: float = 0.0) -> str:
+    """CSS background for an activation: orange with alpha = (act − zero) / (scale − zero) above
+    ``zero``, none at or below it. ``zero`` is where "no signal" sits: 0 for post-activations,
+    the random-prompt mean for pre-activations and projections (which have no natural zero)."""
+    if act is None or not math.isfinite(act) or scale <= zero or act <= zero:
         return ""
-    return f"background-color: rgba(255, 122, 0, {min(act / scale, 1.0):.3f})"
+    return f"background-color: rgba(255, 122, 0, {min((act - zero) / (scale - zero), 1.0):.3f})"
 
 
-def token_cells(tokens: list[str], acts: list[float] | None, scale: float, max_pos: int | None = None) -> list[TokenCell]:
+def token_cells(tokens: list[str], acts: list[float] | None, scale: float, max_pos: int | None = None,
+                zero: float = 0.0) -> list[TokenCell]:
     """Shaded tokens of a dream or dataset example (activation per token in the tooltip)."""
     cells = []
     for i, tok in enumerate(tokens):
         act = acts[i] if acts is not None and i < len(acts) else None
         title = f"{tok!r}  activation {fmt_num(act, 4)}" + ("  (max)" if i == max_pos else "")
-        cells.append(TokenCell(text=show_token(tok), style=shade(act, scale), title=title, is_max=i == max_pos))
+        cells.append(TokenCell(text=show_token(tok), style=shade(act, scale, zero), title=title, is_max=i == max_pos))
     return cells
 
 
@@ -149,6 +151,13 @@ def _scale(values: list[list[float] | None]) -> float:
     """Full-colour activation of a section: its largest positive value (1.0 when none)."""
     m = max((v for vs in values if vs for v in vs if v is not None and math.isfinite(v)), default=0.0)
     return m if m > 0 else 1.0
+
+
+def random_mean(td) -> float:
+    """The random-prompt mean of the target's dreamed objective (paper §3.5 baseline), 0 when the
+    scan has none: the anchor of dream shading and attribution bars."""
+    keys = {d.objective_key for d in td.dream_runs if d.objective_key}
+    return next((b.mean for b in td.baselines if b.objective_key in keys and math.isfinite(b.mean)), 0.0)
 
 
 @dataclass
@@ -162,10 +171,11 @@ class AttrCell:
     title: str
 
 
-def attribution_cells(p: DreamPrompt) -> list[AttrCell]:
+def attribution_cells(p: DreamPrompt, zero: float = 0.0) -> list[AttrCell]:
     """Attribution view of a frontier prompt: colour = drop_worst, bar height = drop_best,
-    both relative to the prompt's activation and clipped to [0, 1]; tooltip = top replacements."""
-    ref = abs(p.activation) or 1.0
+    both relative to how far the prompt's activation is above ``zero`` (the random-prompt mean:
+    a drop to the random level is full colour) and clipped to [0, 1]; tooltip = top replacements."""
+    ref = (p.activation - zero) if p.activation - zero > 1e-9 else (abs(p.activation) or 1.0)
     cells = []
     for a in p.attribution or []:
         worst = min(max(a.drop_worst / ref, 0.0), 1.0) if math.isfinite(a.drop_worst) else 0.0
@@ -254,12 +264,13 @@ def _target_view(td: TargetData, cfg: ReverieConfig, run: RunData, out: Path) ->
     }
     shown = td.prompts[: cfg.report.dreams_shown]
     dream_scale = _scale([p.token_acts for p in shown])
+    zero = random_mean(td)
     dreams = [{"p": p, "cells": token_cells(p.tokens, p.token_acts, dream_scale,
-                                            max_pos=(p.token_acts.index(max(p.token_acts)) if p.token_acts else None)),
+                                            max_pos=(p.token_acts.index(max(p.token_acts)) if p.token_acts else None), zero=zero),
                "beats": dream_beats_dataset(td, p), "members": member_view(td, p) if td.is_combination else []}
               for p in shown]
     conv_windows = [w for w in td.data_windows if (w.frontier_rest if conv == "rest" else w.frontier_all)]
-    attributed = [{"p": p, "cells": attribution_cells(p)} for p in td.prompts if p.attribution]
+    attributed = [{"p": p, "cells": attribution_cells(p, zero)} for p in td.prompts if p.attribution]
     latents = []
     for ls in td.latent_scans:
         scale = _scale([e.acts for e in ls.top + ls.quantiles])
@@ -272,7 +283,7 @@ def _target_view(td: TargetData, cfg: ReverieConfig, run: RunData, out: Path) ->
                  for lat, d in zip(td.latents, td.log10_density + [None] * (len(td.latents) - len(td.log10_density)))]
     return {
         "td": td, "figs": {k: (v.name if v else None) for k, v in figs.items()}, "dreams": dreams, "attributed": attributed,
-        "latents": latents, "densities": densities, "ce_limit": ce_limit, "in_dist": in_dist, "dream_scale": dream_scale,
+        "latents": latents, "densities": densities, "ce_limit": ce_limit, "in_dist": in_dist, "dream_scale": dream_scale, "shade_zero": zero,
         "conv": conv, "conv_text": CONVENTION_TEXT.get(conv, conv), "bands": bands, "data_windows": conv_windows,
         "band_rows": (c.metrics.get("bands") if c else None) or [], "members": (c.metrics.get("members") if c else None) or [],
         "objective_scales": sorted({d.objective_scale for d in td.dream_runs if d.objective_scale}),
