@@ -26,7 +26,7 @@ SMALL = {
     "dream.seeds": [0], "dream.attribution_prompts": 1, "dream.attribution_topk": 8,
     "scan.max_tokens": 2000, "scan.batch_size": 8, "scan.top_k": 8, "scan.checkpoint_every": 2,
     "scan.window_ce_samples": 32, "scan.baseline_prompts": 32, "run.torch_threads": 1,
-    "explain.model": "fake-model", "explain.max_retries": 1, "explain.backoff_base_s": 0.01, "explain.backoff_max_s": 0.05,
+    "explain.model": "fake-model", "explain.max_retries": 3, "explain.backoff_base_s": 0.01, "explain.backoff_max_s": 0.05,
     "explain.n_examples": 6, "explain.n_holdout": 4, "explain.detection_batch": 8, "explain.max_concurrency": 4,
     "explain.fuzzing": False, "explain.ci_bootstrap": 100,
 }
@@ -251,3 +251,46 @@ def test_atlas_in_chromium_search_filters_and_night_links(nights, browser, shots
     assert page.url.endswith(f"/night-1/latent-{lid}.html")
     assert not problems, problems
     page.close()
+
+
+@pytest.mark.slow
+def test_cli_diff_and_gc_keep_the_atlas(nights, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.retention import db_size
+
+    src, _, _ = nights
+    project = tmp_path / "project"
+    shutil.copytree(src, project)
+    t = _targets(project)
+    runner = CliRunner()
+    res = runner.invoke(app, ["diff", "night-1", "night-2", "--project-dir", str(project)])
+    assert res.exit_code == 0, res.output
+    assert "2 new" in res.output and all(f"new         {tid:<10} target" in res.output for tid in t["night-2"] - t["night-1"])
+    with Store(project, read_only=True) as s:
+        atlas_before = s.fetch("SELECT run_id, target_id, explanation, verdict, score FROM atlas_latents ORDER BY ALL")
+        hist_before = {r["run_id"]: r["n"] for r in s.fetch(
+            "SELECT d.run_id, count(*) AS n FROM dream_history h JOIN dream_runs d USING (dream_id) GROUP BY 1")}
+    size_before = db_size(project)
+    res = runner.invoke(app, ["gc", "--keep-nights", "1", "--keep-prompts", "2", "--project-dir", str(project)])
+    assert res.exit_code == 0, res.output
+    assert "collected 2 (night-2, night-1)" in res.output and "MiB →" in res.output
+    assert db_size(project) < size_before
+    with Store(project, read_only=True) as s:
+        assert s.fetch("SELECT run_id, target_id, explanation, verdict, score FROM atlas_latents ORDER BY ALL") == atlas_before
+        hist = {r["run_id"]: r["n"] for r in s.fetch(
+            "SELECT d.run_id, count(*) AS n FROM dream_history h JOIN dream_runs d USING (dream_id) GROUP BY 1")}
+        assert hist == {"night-3": hist_before["night-3"]}
+        assert max(r["n"] for r in s.fetch("SELECT dream_id, count(*) AS n FROM dream_prompts WHERE dream_id LIKE 'night-1/%' GROUP BY 1")) <= 2
+        gc_at = {r["run_id"]: r["gc_at"] for r in s.fetch("SELECT run_id, gc_at FROM runs")}
+        assert gc_at["night-3"] is None and gc_at["night-1"] and gc_at["night-2"]
+        assert s.fetch("SELECT count(*) AS n FROM comparisons")[0]["n"] == sum(len(v) for v in t.values())
+        from pipeline.reuse import reusable_dreams
+
+        fps = [r["fingerprint"] for r in s.fetch("SELECT fingerprint FROM dream_runs WHERE run_id = 'night-2' AND reused_from IS NULL")]
+        assert fps and all(reusable_dreams(s, "night-4", fp, [0]) == [] for fp in fps), "a collected night was offered for reuse"
+    text = (project / "reports" / "atlas-index.js").read_text()
+    assert all(f'"target": "{tid}"' in text for tid in set().union(*t.values()))
