@@ -45,7 +45,7 @@ def test_lean_matches_transformer_lens_on_the_demo_model(subject):
     _check(subject.model, subject.hook_name, subject.vocab_size)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "neox_rotary", "rms_pre"])
+@pytest.mark.parametrize("kind", ["gpt2", "neox_rotary", "neox_parallel", "rms_pre"])
 def test_lean_matches_transformer_lens_on_other_architectures(kind):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -55,6 +55,9 @@ def test_lean_matches_transformer_lens_on_other_architectures(kind):
     elif kind == "neox_rotary":   # GPT-NeoX / Pythia: rotary on part of each head, halves not adjacent pairs
         cfg = HookedTransformerConfig(**base, act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
                                       rotary_dim=8, rotary_adjacent_pairs=False)
+    elif kind == "neox_parallel":   # Pythia: attention and MLP both read the block's input
+        cfg = HookedTransformerConfig(**base, act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
+                                      rotary_dim=8, rotary_adjacent_pairs=False, parallel_attn_mlp=True)
     else:
         cfg = HookedTransformerConfig(**base, act_fn="relu", normalization_type="RMSPre", positional_embedding_type="rotary",
                                       rotary_dim=16, rotary_adjacent_pairs=True)
@@ -63,7 +66,9 @@ def test_lean_matches_transformer_lens_on_other_architectures(kind):
         if p.dim() <= 2:
             torch.nn.init.normal_(p, std=0.1)
     model.eval()
-    for hook in ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.2.hook_resid_post"):
+    hooks = ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_post") if cfg.parallel_attn_mlp else \
+        ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.2.hook_resid_post")
+    for hook in hooks:
         _check(model, hook, cfg.d_vocab)
 
 

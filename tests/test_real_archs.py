@@ -4,8 +4,9 @@ at a residual hook, through targets → scan → dream (few tokens, few iteratio
 
 Gemma-3 loads from a local folder although transformer_lens 3.x converts it only by hub name
 (sae_targets.loading._gemma3_cfg); NeoX has d_vocab 50,304 > the tokenizer's 50,277 ids, and no
-dream may hold a padding id. Both run EPO on transformer_lens's forward: the lean forward does not
-cover local attention (Gemma-3) or parallel attention + MLP (NeoX).
+dream may hold a padding id. Gemma-3 runs EPO on transformer_lens's forward (the lean forward does
+not cover local attention); NeoX runs on the lean forward (parallel attention + MLP), which gives
+transformer_lens's numbers.
 """
 
 from __future__ import annotations
@@ -59,12 +60,21 @@ def test_logits_match_transformers(arch):
     assert diff <= 1e-4, (kind, diff)
 
 
-def test_lean_forward_falls_back(arch):
-    from stages.dream.lean import unsupported
+def test_lean_forward_covers_neox_and_falls_back_for_gemma3(arch):
+    from stages.dream.lean import LeanForward, unsupported
 
     kind, _, _, subject = arch
     why = unsupported(subject.model, subject.hook_name)
-    assert why is not None and ("local attention" if kind == "gemma3" else "parallel") in why
+    if kind == "gemma3":
+        assert why is not None and "local attention" in why
+        return
+    assert why is None
+    ids = torch.tensor([subject.with_bos(subject.encode("The quick brown fox jumps over the lazy dog."))])
+    store = {}
+    with torch.no_grad():
+        subject.model.run_with_hooks(ids, fwd_hooks=[(subject.hook_name, lambda x, hook: store.__setitem__("a", x))])
+        a, _, _ = LeanForward(subject.model, subject.hook_name).run(ids, 0, None)
+    assert (a - store["a"]).abs().max().item() <= 1e-4 * max(1.0, store["a"].abs().max().item())
 
 
 def test_targets_scan_dream(arch, demo_cfg, tmp_path):

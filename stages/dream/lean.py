@@ -8,9 +8,9 @@ the model; Q, K and V fused into one matrix product; ``scaled_dot_product_attent
 RMS/LayerNorm), returning what the evaluator reads: the hook activation, the final residual
 stream and, when asked, every layer's keys/values.
 
-It covers the decoder-only architectures whose blocks are "pre-norm attention + MLP" with
-standard or rotary positions (GPT-2, GPT-J/NeoX-style rotary, Llama/Mistral-style GQA and gated
-MLPs, Pythia-style split rotary); :func:`unsupported` names the first feature it does not cover,
+It covers the decoder-only architectures whose blocks are "pre-norm attention + MLP", sequential
+or parallel (GPT-NeoX/Pythia: both read the same residual), with standard or rotary positions
+(GPT-2, GPT-J/NeoX-style rotary, Llama/Mistral-style GQA and gated MLPs, Pythia-style split rotary); :func:`unsupported` names the first feature it does not cover,
 and the evaluator then keeps transformer_lens's own forward. A test checks hook activations and
 logits against transformer_lens (≤ 1e-4) with and without cached keys/values.
 
@@ -42,7 +42,7 @@ def unsupported(model, hook_name: str) -> str | None:
         (cfg.positional_embedding_type not in ("standard", "rotary"), f"positional embedding {cfg.positional_embedding_type!r}"),
         (cfg.normalization_type not in _NORMS, f"normalization {cfg.normalization_type!r}"),
         (getattr(cfg, "attn_only", False), "attention-only model"),
-        (getattr(cfg, "parallel_attn_mlp", False), "parallel attention and MLP"),
+        (getattr(cfg, "parallel_attn_mlp", False) and hook_name.endswith("hook_resid_mid"), "no resid_mid in a parallel block"),
         (bool(getattr(cfg, "num_experts", None)), "mixture of experts"),
         (bool(getattr(cfg, "use_local_attn", False)) or any(t != "global" for t in (getattr(cfg, "attn_types", None) or [])), "local attention"),
         ((getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0, "attention soft cap"),
@@ -95,6 +95,7 @@ class LeanForward:
         self.Hkv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         self.dh = cfg.d_head
         self.rotary = cfg.positional_embedding_type == "rotary"
+        self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
         self.dtype = dtype if dtype is not None else model.W_E.dtype
         self.cast = self.dtype != model.W_E.dtype
         self.layers = [self._layer(b) for b in model.blocks]
@@ -212,10 +213,15 @@ class LeanForward:
                 kv.append((k, v))
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                                scale=L["scale"], enable_gqa=Hkv != H)
-            x = x + self._mm(z.transpose(1, 2).flatten(2), L["w_o"], L["b_o"])
-            if i == self.hook_layer and self.hook_where == "mid":
-                acts = x
-            h = self._norm(L["ln2"], x)
+            attn_out = self._mm(z.transpose(1, 2).flatten(2), L["w_o"], L["b_o"])
+            if self.parallel:              # GPT-NeoX: the MLP reads the block's input, not resid_mid
+                h = self._norm(L["ln2"], x)
+                x = x + attn_out
+            else:
+                x = x + attn_out
+                if i == self.hook_layer and self.hook_where == "mid":
+                    acts = x
+                h = self._norm(L["ln2"], x)
             if L["w_gate"] is not None:
                 m = L["act"](self._mm(h, L["w_gate"])) * self._mm(h, L["w_in"]) + L["b_in"]
             else:
