@@ -429,8 +429,15 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
         # atlas (issue 15): this night's summary rows, its diff with the night before, the site over all nights
         from reports.atlas import update_atlas
 
-        ok, atlas_index = ledger.run(RUN_LEVEL, "atlas", lambda: update_atlas(cfg, store, run_id), atomic=False)
-        summary.atlas_html = atlas_index if ok else None
+        from reports.atlas import atlas_dir
+
+        atlas_index = atlas_dir(cfg) / "index.html"
+        if summary.report_reused and ledger.is_done(RUN_LEVEL, "atlas") and atlas_index.exists():
+            summary.atlas_html = atlas_index  # nothing of this night changed since the atlas took it in
+            summary.skipped += 1
+        else:
+            ok, atlas_index = ledger.run(RUN_LEVEL, "atlas", lambda: update_atlas(cfg, store, run_id), atomic=False)
+            summary.atlas_html = atlas_index if ok else None
     except BaseException as e:
         error = e
         if is_interrupt(e):

@@ -93,7 +93,7 @@ def test_nightly_end_to_end(reference):
         targets = [r["target_id"] for r in st.fetch("SELECT target_id FROM targets")]
         assert len(targets) == 3 and "35+85" in targets
         assert {(u["target_id"], u["status"]) for u in units if u["stage"] == "dream"} == {(t, "done") for t in targets}
-        assert {u["stage"] for u in units} == {"targets", "scan", "dream", "compare", "explain", "report"}
+        assert {u["stage"] for u in units} == {"targets", "scan", "dream", "compare", "explain", "report", "atlas"}
         assert st.fetch_one("SELECT status FROM runs WHERE run_id = 'nightly-test'")["status"] == "done"
         assert st.fetch_one("SELECT count(*) AS n FROM comparisons WHERE run_id = 'nightly-test'")["n"] == 3
     pages = list(s.index_html.parent.glob("*.html"))
