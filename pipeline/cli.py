@@ -509,7 +509,7 @@ def scan(
     typer.echo(f"corpus        {s['tokens_seen']:,} tokens in {s['n_contexts']:,} contexts"
                + (f", corpus pass {rate:,.0f} tokens/s" if rate else ""))
     if s.get("corpus_documents") is not None:
-        typer.echo(f"corpus input  {s['corpus_documents']:,} documents read; skipped {s['corpus_bad_lines']:,} unparsable lines and "
+        typer.echo(f"corpus input  {s['corpus_documents']:,} documents used; skipped {s['corpus_bad_lines']:,} unparsable lines and "
                    f"{s['corpus_no_text']:,} documents without text; replaced {s['corpus_bad_bytes']:,} invalid UTF-8 bytes; "
                    f"cleaned {s['corpus_cleaned_chars']:,} control characters / lone surrogates")
     typer.echo(f"window CE     {sig(s['ce_mean'])} ± {sig(s['ce_std'])} nats/token (perplexity {ppl(s['ce_mean'])}) over {s['n_ce_windows']} "

@@ -191,7 +191,7 @@ class ScanInfo:
         c = self.corpus_counts
         if not c:
             return None
-        parts = [f"{c.get('documents', 0):,} documents read"]
+        parts = [f"{c.get('documents', 0):,} documents used"]
         skipped = c.get("bad_lines", 0) + c.get("no_text", 0)
         parts.append(f"{skipped:,} skipped ({c.get('bad_lines', 0):,} unparsable lines, {c.get('no_text', 0):,} without text)")
         parts.append(f"{c.get('bad_bytes', 0):,} invalid UTF-8 bytes replaced")

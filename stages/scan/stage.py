@@ -646,7 +646,9 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
         "ce_p10": b_all["p10"], "ce_p50": b_all["p50"], "ce_rest_mean": b_rest["mean"], "ce_rest_std": b_rest["std"],
         "ce_rest_p10": b_rest["p10"], "ce_rest_p50": b_rest["p50"], "ce_rest_in_dist_threshold": b_rest["in_dist"],
         "wall_s": state.wall_s + time.perf_counter() - t0, "pass_wall_s": state.wall_s, "updated_at": now(),
-        **corpus_count_columns(state.corpus_counts),
+        # documents = those the pass used (up to its last context), not those the reader looked ahead to:
+        # the same number whether or not the scan was interrupted and resumed
+        **corpus_count_columns({**(state.corpus_counts or {}), "documents": int(state.last_doc) + 1}),
         "cooc_window": int(state.cooc_window) if getattr(state, "cooc", None) is not None else None,
         "n_cooc_windows": int(state.n_cooc_windows) if getattr(state, "cooc", None) is not None else None,
     }
