@@ -150,3 +150,53 @@ class DreamResult:
     @property
     def candidates_per_s(self) -> float:
         return self.n_candidates / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def frontier_table(self, order: str = "ce") -> list[dict[str, Any]]:
+        """The frontier as plain rows (text, activation, CE and CE without the first token in
+        nats/token, perplexity, λ, iteration, seed, token ids), most fluent first (``order='ce'``)
+        or highest activation first (``'activation'``).
+
+        Raises:
+            ValueError: unknown ``order``.
+        """
+        if order not in ("ce", "activation"):
+            raise ValueError(f"order {order!r}: use 'ce' or 'activation'")
+        key = (lambda p: (p.ce, -p.activation)) if order == "ce" else (lambda p: (-p.activation, p.ce))
+        return [{"text": p.text, "activation": p.activation, "ce": p.ce, "ce_rest": p.ce_rest, "perplexity": p.perplexity,
+                 "lam": p.lam, "iteration": p.iteration, "seed": p.seed, "token_ids": list(p.token_ids)}
+                for p in sorted(self.frontier, key=key)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-able plain data (attribution keys become the prompts' token-id lists)."""
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["attributions"] = [{"token_ids": list(k), "positions": [asdict(a) for a in v]} for k, v in self.attributions.items()]
+        return d
+
+    def to_pandas(self):
+        """:meth:`frontier_table` as a ``pandas.DataFrame`` (pandas comes with ``datasets``)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.frontier_table())
+
+    def plot(self, path: str | None = None, ax: Any = None) -> Any:
+        """Activation vs cross-entropy of the frontier (the paper's Fig. 3, dreams only), one colour
+        per seed; saved to ``path`` when given. Returns the matplotlib Axes."""
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 4))
+        for seed in sorted({p.seed for p in self.frontier}):
+            pts = sorted((p.ce, p.activation) for p in self.frontier if p.seed == seed)
+            ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", ms=3, label=f"seed {seed}")
+        ax.set_xlabel("cross-entropy (nats/token)")
+        ax.set_ylabel("activation")
+        ax.set_title(f"target {self.target_id}: {self.objective}", fontsize=9)
+        ax.legend(fontsize=8)
+        if path is not None:
+            ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+        return ax
