@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.config import EPOConfig, load_config  # noqa: E402
-from sae_targets.loading import load_subject  # noqa: E402
-from sae_targets.objectives import Objective  # noqa: E402
-from sae_targets.selection import random_alive_latents  # noqa: E402
-from stages.dream.epo import run_epo  # noqa: E402
-from stages.dream.evaluator import PromptEvaluator  # noqa: E402
+from reverie.pipeline.config import EPOConfig, load_config  # noqa: E402
+from reverie.sae_targets.loading import load_subject  # noqa: E402
+from reverie.sae_targets.objectives import Objective  # noqa: E402
+from reverie.sae_targets.selection import random_alive_latents  # noqa: E402
+from reverie.stages.dream.epo import run_epo  # noqa: E402
+from reverie.stages.dream.evaluator import PromptEvaluator  # noqa: E402
 
 
 def main() -> None:

@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.config import EPOConfig, load_config  # noqa: E402
-from pipeline.paths import shared_dir  # noqa: E402
-from sae_targets.loading import Subject, load_subject  # noqa: E402
-from sae_targets.objectives import Objective  # noqa: E402
-from stages.dream.epo import DreamJob, run_epo_batch  # noqa: E402
-from stages.dream.evaluator import PromptEvaluator  # noqa: E402
+from reverie.pipeline.config import EPOConfig, load_config  # noqa: E402
+from reverie.pipeline.paths import shared_dir  # noqa: E402
+from reverie.sae_targets.loading import Subject, load_subject  # noqa: E402
+from reverie.sae_targets.objectives import Objective  # noqa: E402
+from reverie.stages.dream.epo import DreamJob, run_epo_batch  # noqa: E402
+from reverie.stages.dream.evaluator import PromptEvaluator  # noqa: E402
 
 from benchmarks.shapes import gpt2_shaped_subject  # noqa: E402
 

@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline.config import ReverieConfig, load_config  # noqa: E402
-from pipeline.corpus import iter_documents  # noqa: E402
-from sae_targets.contexts import iter_contexts, pad_batch  # noqa: E402
-from sae_targets.loading import Subject, load_subject  # noqa: E402
-from stages.scan.stage import context_size, scan_pass  # noqa: E402
+from reverie.pipeline.config import ReverieConfig, load_config  # noqa: E402
+from reverie.pipeline.corpus import iter_documents  # noqa: E402
+from reverie.sae_targets.contexts import iter_contexts, pad_batch  # noqa: E402
+from reverie.sae_targets.loading import Subject, load_subject  # noqa: E402
+from reverie.stages.scan.stage import context_size, scan_pass  # noqa: E402
 
 DEMO_LATENTS = [5, 9, 100, 212, 333, 777, 1024, 1500]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.paths import shared_dir
-from sae_targets.loading import Subject
+from reverie.pipeline.paths import shared_dir
+from reverie.sae_targets.loading import Subject
 
 
 def gpt2_shaped_subject(d_sae: int = 24576, device: str = "cpu", seed: int = 0) -> Subject:

@@ -41,16 +41,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.config import load_config
-    from pipeline.corpus import iter_documents
-    from pipeline.store import Store
-    from sae_targets.contexts import hook_activations, iter_contexts
-    from sae_targets.loading import load_subject
-    from sae_targets.objectives import build_objective
-    from sae_targets.selection import select_targets
-    from stages.scan import run_scan
-    from stages.scan.search import context_windows, evaluate_matched
-    from stages.scan.stage import context_size
+    from reverie.pipeline.config import load_config
+    from reverie.pipeline.corpus import iter_documents
+    from reverie.pipeline.store import Store
+    from reverie.sae_targets.contexts import hook_activations, iter_contexts
+    from reverie.sae_targets.loading import load_subject
+    from reverie.sae_targets.objectives import build_objective
+    from reverie.sae_targets.selection import select_targets
+    from reverie.stages.scan import run_scan
+    from reverie.stages.scan.search import context_windows, evaluate_matched
+    from reverie.stages.scan.stage import context_size
 
     root = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="window-search-"))

@@ -25,8 +25,8 @@ from typing import Any, Callable, Optional
 import click
 import typer
 
-from pipeline.config import ReverieConfig, dump_toml, load_config
-from pipeline.errors import Interrupted, ReverieError
+from reverie.pipeline.config import ReverieConfig, dump_toml, load_config
+from reverie.pipeline.errors import Interrupted, ReverieError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="reverie: explain SAE latents by dreaming (EPO) and comparing dreams with dataset examples.")
@@ -51,7 +51,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 def safe_text(text: Any) -> str:
     """``text`` safe for the terminal (:func:`sae_targets.tokens.display_text`, line breaks kept)."""
-    from sae_targets.tokens import display_text
+    from reverie.sae_targets.tokens import display_text
 
     return display_text(str(text), keep_newlines=True)
 
@@ -85,7 +85,7 @@ def build_config(config: Optional[Path], sets: list[str] | None, **flags: Any) -
     Raises:
         ConfigError: see :func:`pipeline.config.load_config`.
     """
-    from pipeline.runtime import apply_torch_threads
+    from reverie.pipeline.runtime import apply_torch_threads
 
     overrides = parse_sets(sets)
     overrides.update({k: v for k, v in flags.items() if v is not None})
@@ -113,7 +113,7 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.signals import as_interrupted, handle_signals, interruptible
+        from reverie.pipeline.signals import as_interrupted, handle_signals, interruptible
 
         setup_logging(level=logging.WARNING)
         try:
@@ -227,9 +227,9 @@ def targets(
 
     A dry run: nothing is written unless --record (then the targets are stored as a 'targets' run).
     """
-    from pipeline.orchestrate import record_targets
-    from sae_targets.loading import load_subject
-    from sae_targets.selection import select_targets
+    from reverie.pipeline.orchestrate import record_targets
+    from reverie.sae_targets.loading import load_subject
+    from reverie.sae_targets.selection import select_targets
 
     cfg = build_config(config, set_, **{"targets.latents": latent or None, "targets.n_random": n, "targets.seed": seed, "model.device": device, "project.dir": project_dir})
     precheck(cfg)
@@ -274,7 +274,7 @@ def nightly(
     or targets are invalid (run recorded 'failed'), 130 / 143 on SIGINT / SIGTERM (run recorded
     'interrupted'; rerun to resume).
     """
-    from pipeline.orchestrate import run_nightly
+    from reverie.pipeline.orchestrate import run_nightly
 
     check_run_option(run_id)
     setup_logging()
@@ -310,14 +310,14 @@ def precheck(cfg: ReverieConfig) -> None:
     Raises:
         TargetError, LoadError: see there (exit code 2).
     """
-    from sae_targets.loading import precheck_targets
+    from reverie.sae_targets.loading import precheck_targets
 
     precheck_targets(cfg.targets.latents, cfg.targets.combinations, cfg.sae, n_random=cfg.targets.n_random)
 
 
 def check_run_option(run: str | None) -> str | None:
     """A ``--run`` / ``--run-id`` value checked for use in paths (:func:`pipeline.paths.check_run_id`); None passes."""
-    from pipeline.paths import check_run_id
+    from reverie.pipeline.paths import check_run_id
 
     return None if run is None else check_run_id(run)
 
@@ -346,9 +346,9 @@ def report(
     project_dir: Optional[str] = ProjectOpt,
 ) -> None:
     """Write a run's static HTML report (index + one page per latent, plots as PNG) and print where index.html is."""
-    from pipeline.store import Store
-    from reports.render import render_reports
-    from stages.compare import latest_run_with_dreams
+    from reverie.pipeline.store import Store
+    from reverie.reports.render import render_reports
+    from reverie.stages.compare import latest_run_with_dreams
 
     check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir})
@@ -373,8 +373,8 @@ def diff(
     verdict, explanation or score changed beyond noise (seed spread; 95% intervals), regressions
     when the model/SAE/config fingerprint changed. Stored as rows (table night_diffs) and printed.
     """
-    from pipeline.store import Store
-    from reports.atlas import diff_lines, record_diff
+    from reverie.pipeline.store import Store
+    from reverie.reports.atlas import diff_lines, record_diff
 
     check_run_option(run_a)
     check_run_option(run_b)
@@ -401,7 +401,7 @@ def gc(
     samples, LLM call logs) but keep every summary, so the atlas still lists every latent ever
     explained; then compact the database file and print its size before and after.
     """
-    from pipeline.retention import gc as run_gc
+    from reverie.pipeline.retention import gc as run_gc
 
     cfg = build_config(config, set_, **{"project.dir": project_dir})
     res = run_gc(cfg, keep_nights, keep_prompts, do_compact=not no_compact)
@@ -429,9 +429,9 @@ def explain(
     Needs an API key in $OPENAI_API_KEY (or the variable named by explain.api_key_env); without
     one it prints one line and exits 0.
     """
-    from pipeline.store import Store
-    from stages.explain import explain_available, run_explain
-    from stages.explain.stage import score_table
+    from reverie.pipeline.store import Store
+    from reverie.stages.explain import explain_available, run_explain
+    from reverie.stages.explain.stage import score_table
 
     check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir, "explain.model": model, "explain.base_url": base_url})
@@ -449,7 +449,7 @@ def explain(
 
     typer.echo(f"run {summary.run_id}   scan {summary.scan_id}   model {summary.model}")
     typer.echo(f"{'target':>10}  {'source':<8} {'dataset BA (base)':>17} {'dreams BA (base)':>17}  explanation")
-    from sae_targets.tokens import display_text
+    from reverie.sae_targets.tokens import display_text
 
     for r in rows:
         text = display_text(r["text"])  # LLM output is untrusted: no raw control characters on the terminal
@@ -480,11 +480,11 @@ def scan(
 
     Reuses a finished scan with the same content key; resumes an interrupted one from its checkpoint.
     """
-    from pipeline.orchestrate import record_targets
-    from pipeline.store import Store
-    from sae_targets.loading import load_subject
-    from sae_targets.selection import select_targets
-    from stages.scan import run_scan
+    from reverie.pipeline.orchestrate import record_targets
+    from reverie.pipeline.store import Store
+    from reverie.sae_targets.loading import load_subject
+    from reverie.sae_targets.selection import select_targets
+    from reverie.stages.scan import run_scan
 
     setup_logging()
     t0 = time.time()
@@ -531,8 +531,8 @@ def compare(
     project_dir: Optional[str] = ProjectOpt,
 ) -> None:
     """Compare a run's dreams with the scan's dataset examples; store and print the table."""
-    from pipeline.store import Store
-    from stages.compare import format_table, latest_run_with_dreams, run_compare, scan_for_run
+    from reverie.pipeline.store import Store
+    from reverie.stages.compare import format_table, latest_run_with_dreams, run_compare, scan_for_run
 
     check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir})
@@ -569,11 +569,11 @@ def dream(
     The table lists the merged Pareto frontier over seeds, most fluent (lowest CE) first; long
     prompts lose their start, never their last token (where the objective is read).
     """
-    from pipeline.orchestrate import record_targets
-    from pipeline.store import Store
-    from sae_targets.loading import check_latents, load_subject
-    from sae_targets.selection import Target, log10_densities, select_targets
-    from stages.dream import merge_results, run_dream_stage
+    from reverie.pipeline.orchestrate import record_targets
+    from reverie.pipeline.store import Store
+    from reverie.sae_targets.loading import check_latents, load_subject
+    from reverie.sae_targets.selection import Target, log10_densities, select_targets
+    from reverie.stages.dream import merge_results, run_dream_stage
 
     if combine is not None and combine not in ("lp", "sum", "min"):
         raise ReverieError(f"--combine {combine!r}: use lp, sum or min")
@@ -585,7 +585,7 @@ def dream(
     cfg = build_config(config, set_, **{"targets.p": p, "dream.iterations": iterations, "model.device": device, "project.dir": project_dir,
                                         "dream.seeds": list(range(seeds)) if seeds else None, "targets.combine": combine})
     if latent:
-        from sae_targets.loading import precheck_targets
+        from reverie.sae_targets.loading import precheck_targets
 
         precheck_targets(list(latent), [], cfg.sae, combine=combine)  # ids and repeats, before the model loads
     else:
@@ -629,7 +629,7 @@ def dream_table(result: Any, n_stored: int | None = None, sort: str = "ce", max_
     Returns:
         The table (numbers to 3 significant digits).
     """
-    from sae_targets.tokens import display_text, truncate_start
+    from reverie.sae_targets.tokens import display_text, truncate_start
 
     key = (lambda p: (p.ce, -p.activation)) if sort == "ce" else (lambda p: (-p.activation, p.ce))
     prompts = sorted(result.frontier, key=key)
@@ -668,7 +668,7 @@ def _recorded_run(store: Any, run_id: str, t0: float):
     """Record the run 'interrupted' (SIGINT/SIGTERM) or 'failed' (any error, with its message) if
     the block raises, with its wall time since ``t0``; then re-raise. The block is
     :func:`~pipeline.signals.interruptible`: its writes are transactional, so a signal stops it at once."""
-    from pipeline.signals import as_interrupted, interruptible, is_interrupt
+    from reverie.pipeline.signals import as_interrupted, interruptible, is_interrupt
 
     try:
         with interruptible():
@@ -679,7 +679,7 @@ def _recorded_run(store: Any, run_id: str, t0: float):
         try:
             store.finish_run(run_id, status, time.time() - t0, error=err)
         except Exception as e2:  # noqa: BLE001 - the original error matters more
-            from pipeline.errors import StoreWriteError
+            from reverie.pipeline.errors import StoreWriteError
 
             if isinstance(e, StoreWriteError) or isinstance(e2, StoreWriteError):  # the cause is reported once, by the caller
                 logging.getLogger("reverie.cli").debug("could not record run %s as %s: %s", run_id, status, e2)

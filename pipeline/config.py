@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError
-from pipeline.paths import expand
+from reverie.pipeline.errors import ConfigError
+from reverie.pipeline.paths import expand
 
 
 class Section(BaseModel):
@@ -257,7 +257,7 @@ class RunConfig(Section):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v: str | None) -> str | None:
-        from pipeline.paths import check_run_id
+        from reverie.pipeline.paths import check_run_id
 
         return None if v is None else check_run_id(v, ValueError)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import CorpusConfig
-from pipeline.errors import LoadError
-from pipeline.hub import check_hub_reachable, hub_offline, offline_error
-from pipeline.paths import expand
+from reverie.pipeline.config import CorpusConfig
+from reverie.pipeline.errors import LoadError
+from reverie.pipeline.hub import check_hub_reachable, hub_offline, offline_error
+from reverie.pipeline.paths import expand
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
@@ -42,7 +42,7 @@ def corpus_identity(cfg: CorpusConfig) -> dict:
     """A JSON-able identity of the corpus: hub name + split, or each local file's full content
     hash (sha256, cached by path + size + mtime: :func:`pipeline.hashing.file_sha256`), so a
     file changed in place is a different corpus."""
-    from pipeline.hashing import file_sha256
+    from reverie.pipeline.hashing import file_sha256
 
     if cfg.hf_dataset:
         return {"hf_dataset": cfg.hf_dataset, "split": cfg.hf_split, "text_column": cfg.text_column}

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterator
 
-from pipeline.config import ReverieConfig
-from sae_targets.selection import Target
+from reverie.pipeline.config import ReverieConfig
+from reverie.sae_targets.selection import Target
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ def dream_unit(cfg: ReverieConfig, subject: Any, targets: list[Target], dataset_
     Raises:
         Interrupted: SIGINT/SIGTERM (never recorded as a unit failure).
     """
-    from pipeline.signals import check_interrupt, is_interrupt
-    from stages.dream import dream_targets
+    from reverie.pipeline.signals import check_interrupt, is_interrupt
+    from reverie.stages.dream import dream_targets
 
     try:
         return dream_targets(cfg, subject, targets, dataset_max=dataset_max, should_stop=check_interrupt)
@@ -55,7 +55,7 @@ def dream_unit(cfg: ReverieConfig, subject: Any, targets: list[Target], dataset_
 def target_batches(cfg: ReverieConfig, subject: Any, targets: list[Target], n_workers: int = 1) -> list[list[Target]]:
     """Split targets into dream units: at most ``dream.batch_targets`` (else what fits
     ``dream.batch_memory_mb``) jobs each, and at least one unit per worker when there are enough."""
-    from stages.dream.stage import batch_capacity
+    from reverie.stages.dream.stage import batch_capacity
 
     seeds = max(1, len(cfg.dream.seeds))
     cap = max(1, (cfg.dream.batch_targets or batch_capacity(subject, cfg.dream)) // seeds) if subject is not None else \
@@ -76,7 +76,7 @@ class LocalExecutor:
 
     def map_dreams(self, targets: list[Target]) -> Iterator[UnitResult]:
         """Yield ``(target, [DreamResult, ...])`` or ``(target, exception)`` per target, in order."""
-        from pipeline.signals import is_interrupt
+        from reverie.pipeline.signals import is_interrupt
 
         for batch in target_batches(self.cfg, self.subject, targets):
             try:
@@ -101,11 +101,11 @@ class _DreamWorker:
 
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from pipeline.config import ReverieConfig
-        from sae_targets.loading import load_subject
+        from reverie.pipeline.config import ReverieConfig
+        from reverie.sae_targets.loading import load_subject
 
         self.cfg = ReverieConfig.model_validate(cfg_json)
-        from pipeline.runtime import apply_torch_threads
+        from reverie.pipeline.runtime import apply_torch_threads
 
         apply_torch_threads(self.cfg.run)
         self.subject = load_subject(self.cfg.model, self.cfg.sae)
@@ -126,7 +126,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, cfg: ReverieConfig, dataset_max: dict[int, float] | None = None):
-        from pipeline.errors import ReverieError
+        from reverie.pipeline.errors import ReverieError
 
         try:
             import ray

@@ -6,7 +6,7 @@ import concurrent.futures
 import os
 import socket
 
-from pipeline.errors import OfflineError
+from reverie.pipeline.errors import OfflineError
 
 HUB_HOST = "huggingface.co"
 

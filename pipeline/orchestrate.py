@@ -6,12 +6,12 @@ import datetime as dt
 import json
 import uuid
 
-from pipeline.config import ReverieConfig
-from pipeline.errors import StoreWriteError
-from pipeline.sae_identity import record_sae
-from pipeline.store import Store
-from sae_targets.loading import Subject
-from sae_targets.selection import Target
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.errors import StoreWriteError
+from reverie.pipeline.sae_identity import record_sae
+from reverie.pipeline.store import Store
+from reverie.sae_targets.loading import Subject
+from reverie.sae_targets.selection import Target
 
 
 def new_run_id(kind: str) -> str:
@@ -178,7 +178,7 @@ class UnitLedger:
                 file such as a report) cannot be written: fatal for the run, raised without
                 recording the unit (that write would fail too).
         """
-        from pipeline.signals import as_interrupted, check_interrupt, interruptible, is_interrupt
+        from reverie.pipeline.signals import as_interrupted, check_interrupt, interruptible, is_interrupt
 
         check_interrupt()
         started = now_utc()
@@ -202,7 +202,7 @@ class UnitLedger:
             if isinstance(e, StoreWriteError):
                 raise
             if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:  # a full or read-only disk fails every later unit too
-                from pipeline.store import write_failure
+                from reverie.pipeline.store import write_failure
 
                 where = e.filename or (self.store.project_dir / ("reports" if stage == "report" else ""))
                 raise write_failure(where, e) from None
@@ -237,8 +237,8 @@ def _stored_targets(store: Store, run_id: str) -> list[Target]:
 
 
 def _attach_log(path: Path) -> logging.Handler:
-    from pipeline.errors import ReverieError
-    from pipeline.store import write_failure
+    from reverie.pipeline.errors import ReverieError
+    from reverie.pipeline.store import write_failure
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,12 +285,12 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             everything committed is kept and a rerun resumes.
         Interrupted: SIGINT or SIGTERM (or KeyboardInterrupt); the run is recorded 'interrupted'.
     """
-    from sae_targets.loading import load_subject, precheck_targets
-    from sae_targets.selection import select_targets
+    from reverie.sae_targets.loading import load_subject, precheck_targets
+    from reverie.sae_targets.selection import select_targets
 
-    from pipeline.paths import check_run_id
-    from pipeline.runtime import apply_torch_threads
-    from pipeline.signals import as_interrupted, check_interrupt, is_interrupt
+    from reverie.pipeline.paths import check_run_id
+    from reverie.pipeline.runtime import apply_torch_threads
+    from reverie.pipeline.signals import as_interrupted, check_interrupt, is_interrupt
 
     t0 = time.time()
     apply_torch_threads(cfg.run)
@@ -327,7 +327,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             targets = _stored_targets(store, run_id)
             summary.skipped += 1
         else:
-            from pipeline.reuse import explained_latents
+            from reverie.pipeline.reuse import explained_latents
 
             # the random draw prefers latents no earlier night explained (targets.allow_repeats = true: no preference)
             seen = set() if cfg.targets.allow_repeats else explained_latents(store, subject.sae_key, run_id)
@@ -338,7 +338,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
         changed = False
 
         # scan (shared by every target; reused across nights via its content hash) -------
-        from stages.scan import run_scan
+        from reverie.stages.scan import run_scan
 
         scan_done_before = ledger.is_done(RUN_LEVEL, "scan")
         if scan_done_before:
@@ -349,11 +349,11 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             changed = True
 
         # dream (the executor computes batches of targets; this driver alone writes) ----------
-        from stages.dream import write_dream
+        from reverie.stages.dream import write_dream
 
         todo = [t for t in targets if not ledger.is_done(t.target_id, "dream")]
         summary.skipped += len(targets) - len(todo)
-        from pipeline.reuse import dream_fingerprint, mark_fingerprint, reuse_dreams
+        from reverie.pipeline.reuse import dream_fingerprint, mark_fingerprint, reuse_dreams
 
         if todo:  # cross-night reuse: a target dreamed before under the same fingerprint gets those rows
             n_todo = len(todo)
@@ -361,7 +361,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             changed = changed or len(todo) < n_todo
         if todo:
             changed = True
-            from pipeline.executors import make_executor
+            from reverie.pipeline.executors import make_executor
 
             executor = make_executor(cfg, subject, _dataset_max(store, scan_id))
             log.info("dreaming %d targets on the %s executor (batched EPO)", len(todo), executor.name)
@@ -386,7 +386,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
 
         # compare ---------------------------------------------------------------
         if scan_id and (changed or not ledger.is_done(RUN_LEVEL, "compare")):
-            from stages.compare import run_compare
+            from reverie.stages.compare import run_compare
 
             ok, rows = ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))
         s = store.fetch_one("SELECT frac_beats, frac_beats_in_dist, n_dominates, n_dominance_known FROM compare_summary WHERE run_id = ?", [run_id])
@@ -395,7 +395,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             summary.n_dominates, summary.n_dominance_known = s["n_dominates"], s["n_dominance_known"]
 
         # explain (optional) -------------------------------------------------------
-        from stages.explain import explain_available, run_explain
+        from reverie.stages.explain import explain_available, run_explain
 
         available, why = explain_available(cfg)
         if not available:
@@ -407,7 +407,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             ledger.run(RUN_LEVEL, "explain", lambda: run_explain(cfg, store, run_id, scan_id), atomic=False)
 
         # report ----------------------------------------------------------------
-        from reports.render import render_reports
+        from reverie.reports.render import render_reports
 
         # the index shows the run's status and wall time: record them before rendering
         check_interrupt()
@@ -427,9 +427,9 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             store.set_report_key(run_id, key if ok else None)
 
         # atlas (issue 15): this night's summary rows, its diff with the night before, the site over all nights
-        from reports.atlas import update_atlas
+        from reverie.reports.atlas import update_atlas
 
-        from reports.atlas import atlas_dir
+        from reverie.reports.atlas import atlas_dir
 
         atlas_index = atlas_dir(cfg) / "index.html"
         if summary.report_reused and ledger.is_done(RUN_LEVEL, "atlas") and atlas_index.exists():
@@ -498,7 +498,7 @@ def report_key(cfg: ReverieConfig, store: Store, run_id: str) -> str:
     """
     import hashlib
 
-    from pipeline.store import code_version
+    from reverie.pipeline.store import code_version
 
     # a 'skipped' unit (explain without an API key) is re-recorded each session without new rows: its time does not count
     units = store.fetch("SELECT target_id, stage, status, CASE WHEN status = 'skipped' THEN NULL ELSE CAST(ended_at AS VARCHAR) END AS ended "

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from reverie.pipeline.errors import ConfigError
 
 SHARED_ENV = "REVERIE_SHARED"
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import duckdb
 
-from pipeline.config import ReverieConfig
-from pipeline.errors import ReverieError
-from pipeline.store import DB_NAME, Store, now
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import DB_NAME, Store, now
 
 
 @dataclass
@@ -57,7 +57,7 @@ def collect(cfg: ReverieConfig, store: Store, keep_nights: int, keep_prompts: in
     Raises:
         ReverieError: ``keep_nights`` < 1 or ``keep_prompts`` < 0; StoreWriteError: the database cannot be written.
     """
-    from reports.atlas import record_night
+    from reverie.reports.atlas import record_night
 
     if keep_nights < 1:
         raise ReverieError(f"--keep-nights must be at least 1 (got {keep_nights}): the latest night always stays whole")
@@ -139,7 +139,7 @@ def gc(cfg: ReverieConfig, keep_nights: int, keep_prompts: int = 3, do_compact: 
     Raises:
         ReverieError: bad arguments, a locked database; StoreWriteError: it cannot be written.
     """
-    from reports.atlas import render_atlas
+    from reverie.reports.atlas import render_atlas
 
     before = db_size(cfg.project.path)
     with Store(cfg.project.path) as store:

@@ -19,12 +19,12 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ReverieConfig
-from pipeline.store import Store
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.store import Store
 
 if TYPE_CHECKING:
-    from sae_targets.loading import Subject
-    from sae_targets.selection import Target
+    from reverie.sae_targets.loading import Subject
+    from reverie.sae_targets.selection import Target
 
 log = logging.getLogger("reverie.nightly")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.store import Store, now
+from reverie.pipeline.store import Store, now
 
 
 def sae_identity_row(run_id: str, subject: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from pipeline.errors import Interrupted
+from reverie.pipeline.errors import Interrupted
 
 log = logging.getLogger("reverie.signals")
 

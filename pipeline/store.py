@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from pipeline.errors import ReverieError, StoreWriteError
+from reverie.pipeline.errors import ReverieError, StoreWriteError
 
 DB_NAME = "reverie.duckdb"
 _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -35,7 +35,7 @@ def migrations() -> list[tuple[int, str, str]]:
         ReverieError: two files share a version number.
     """
     found: dict[int, tuple[int, str, str]] = {}
-    for entry in resources.files("pipeline.migrations").iterdir():
+    for entry in resources.files("reverie.pipeline.migrations").iterdir():
         m = _MIGRATION_RE.match(entry.name)
         if not m:
             continue

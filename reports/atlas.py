@@ -29,10 +29,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ReverieConfig
-from pipeline.errors import ReverieError
-from pipeline.store import Store, now
-from reports.data import EXPLANATION_PREFERENCE
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import Store, now
+from reverie.reports.data import EXPLANATION_PREFERENCE
 
 ATLAS_JS = "atlas-index.js"
 #: config sections whose change between two nights makes their results not comparable
@@ -73,7 +73,7 @@ def summary_rows(cfg: ReverieConfig, store: Store, run_id: str) -> list[dict[str
     Raises:
         ReverieError: no such run.
     """
-    from reports.render import default_out_dir, page_name
+    from reverie.reports.render import default_out_dir, page_name
 
     run = store.fetch_one("SELECT run_id, started_at, config_hash FROM runs WHERE run_id = ?", [run_id])
     if run is None:
@@ -334,7 +334,7 @@ def atlas_entries(store: Store) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 
 def _clean(obj: Any) -> Any:
-    from reports.render import clean_text
+    from reverie.reports.render import clean_text
 
     if isinstance(obj, str):
         return clean_text(obj)
@@ -362,7 +362,7 @@ def index_script(entries: list[dict[str, Any]]) -> str:
 def _atlas_csp(script_hashes: list[str]) -> str:
     """The atlas page's CSP: the per-night pages' policy plus scripts from the report folder
     (``'self'``: only ``atlas-index.js`` is referenced)."""
-    from reports.render import _csp
+    from reverie.reports.render import _csp
 
     return _csp(["'self'", *script_hashes])
 
@@ -376,13 +376,13 @@ def render_atlas(cfg: ReverieConfig, store: Store) -> Path:
     Raises:
         OSError: the folder cannot be written.
     """
-    from reports.render import _csp, _script, fmt_time, make_env
+    from reverie.reports.render import _csp, _script, fmt_time, make_env
 
     out = atlas_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     env = make_env()
     entries, nights = atlas_entries(store)
-    with resources.as_file(resources.files("reports") / "templates" / "report.css") as css:
+    with resources.as_file(resources.files("reverie.reports") / "templates" / "report.css") as css:
         shutil.copyfile(css, out / "report.css")
     (out / ATLAS_JS).write_text(index_script(entries), encoding="utf-8")
     js, js_hash = _script(env, "atlas_script.html")
@@ -416,7 +416,7 @@ def _safe(run_id: str) -> str:
 
 
 def _night_index(cfg: ReverieConfig, run_id: str) -> Path:
-    from reports.render import default_out_dir
+    from reverie.reports.render import default_out_dir
 
     return default_out_dir(cfg, run_id) / "index.html"
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ReverieError
-from pipeline.store import Store
-from sae_targets.baseline import Baseline
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import Store
+from reverie.sae_targets.baseline import Baseline
 
 #: preference order of explanation sources for the index's one-line summary
 EXPLANATION_PREFERENCE = ("both", "dataset", "dreams")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.store import Store
+from reverie.pipeline.store import Store
 
 
 @dataclass

@@ -29,12 +29,12 @@ from urllib.parse import quote
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-from pipeline.config import ReverieConfig
-from pipeline.paths import expand
-from pipeline.store import Store
-from reports import plots
-from reports.features import load_panels
-from reports.data import DreamPrompt, Example, RunData, TargetData, dream_beats_dataset, latest_run_id, load_run
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.paths import expand
+from reverie.pipeline.store import Store
+from reverie.reports import plots
+from reverie.reports.features import load_panels
+from reverie.reports.data import DreamPrompt, Example, RunData, TargetData, dream_beats_dataset, latest_run_id, load_run
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 FIG3_TOP = 64
@@ -194,7 +194,7 @@ def attribution_cells(p: DreamPrompt, zero: float = 0.0) -> list[AttrCell]:
 def make_env() -> Environment:
     """The Jinja2 environment: package templates, autoescape on for every template, every
     output cleaned by :func:`clean_text`, undefined names are errors."""
-    env = Environment(loader=PackageLoader("reports", "templates"), autoescape=True, finalize=clean_text,
+    env = Environment(loader=PackageLoader("reverie.reports", "templates"), autoescape=True, finalize=clean_text,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=fmt_num, seconds=fmt_seconds, time=fmt_time, sortkey=sort_key, tok=show_token, page=page_name, ppl=ppl)
     return env
@@ -319,12 +319,12 @@ def render_reports(cfg: ReverieConfig, store: Store, run_id: str | None, out_dir
     # the activation-vs-CE plot shows the top FIG3_TOP dataset windows (paper Fig. 3: top 64); tables show fewer
     run = load_run(store, run_id, n_top=max(cfg.report.examples_shown, FIG3_TOP), n_per_bin=2)
     env = make_env()
-    with resources.as_file(resources.files("reports") / "templates" / "report.css") as css:
+    with resources.as_file(resources.files("reverie.reports") / "templates" / "report.css") as css:
         shutil.copyfile(css, out / "report.css")
     sort_js, sort_hash = _script(env, "sort_script.html")
     common = {"run": run, "sort_js": sort_js, "csp": _csp([sort_hash]), "generated": fmt_time(dt.datetime.now(dt.timezone.utc))}
     page = env.get_template("latent.html")
-    from reports.atlas import atlas_dir, other_nights
+    from reverie.reports.atlas import atlas_dir, other_nights
 
     atlas_href = Path(os.path.relpath(atlas_dir(cfg).resolve() / "index.html", out)).as_posix()
     for td in run.targets:

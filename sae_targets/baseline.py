@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from sae_targets.contexts import hook_activations
-from sae_targets.loading import Subject
-from sae_targets.objectives import Objective
+from reverie.sae_targets.contexts import hook_activations
+from reverie.sae_targets.loading import Subject
+from reverie.sae_targets.objectives import Objective
 
 
 BASELINE_SEED = 0   # seed of the random prompts every baseline uses (scan and objective scales)

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from sae_targets.loading import Subject
+from reverie.sae_targets.loading import Subject
 
 
 @dataclass

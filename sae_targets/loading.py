@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ModelConfig, SAEConfig
-from pipeline.errors import LoadError, TargetError
-from pipeline.hashing import MODEL_FILES, SAE_FILES, dir_sha256
-from pipeline.hub import check_hub_reachable, hub_offline, offline_error
-from pipeline.paths import expand
+from reverie.pipeline.config import ModelConfig, SAEConfig
+from reverie.pipeline.errors import LoadError, TargetError
+from reverie.pipeline.hashing import MODEL_FILES, SAE_FILES, dir_sha256
+from reverie.pipeline.hub import check_hub_reachable, hub_offline, offline_error
+from reverie.pipeline.paths import expand
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # not under 'reverie.': the CLI's terminal shows only warnings from here; the run's log file gets everything
-log = logging.getLogger("sae_targets.loading")
+log = logging.getLogger("reverie.sae_targets.loading")
 
 
 @dataclass
@@ -119,7 +119,7 @@ class Subject:
         each token's own bytes with its spaces kept (no words run together), newlines/tabs shown
         as ``\\n``/``\\t``, partial UTF-8 bytes as ``\\xNN``. Their concatenation, read back
         with :func:`sae_targets.tokens.from_display`, is the decoded text."""
-        from sae_targets.tokens import token_pieces
+        from reverie.sae_targets.tokens import token_pieces
 
         return token_pieces(self.tokenizer, ids)
 
@@ -522,7 +522,7 @@ def check_fit(model: Any, sae: Any, model_key: str, expected_model: str | None =
     Raises:
         TargetError: the hook point is not in the model, or ``d_in`` differs from the hook's width.
     """
-    from sae_targets.activations import check_architecture
+    from reverie.sae_targets.activations import check_architecture
 
     try:
         check_architecture(sae)
@@ -677,3 +677,33 @@ def precheck_targets(latents: list[int], combinations: list[list[int]], sae_cfg:
     d_sae = sae_cfg_d_sae(sae_cfg)
     if d_sae is not None:
         check_latents([*latents, *(i for g in groups for i in g)], d_sae)
+
+
+def subject_from(model: Any, sae: Any, tokenizer: Any = None) -> Subject:
+    """A :class:`Subject` from a model and SAE already in memory (the library API's entry point).
+
+    Args:
+        model: a transformer_lens ``HookedTransformer``.
+        sae: a sae-lens ``SAE`` (its ``cfg.metadata`` gives the hook point, BOS policy, context size).
+        tokenizer: defaults to ``model.tokenizer``.
+    Returns:
+        The checked :class:`Subject` (model and SAE frozen, in eval mode).
+    Raises:
+        LoadError: no tokenizer. TargetError: see :func:`check_fit`.
+    """
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise LoadError("the model has no tokenizer: pass tokenizer=... (a Hugging Face tokenizer)")
+    model.eval()
+    model.requires_grad_(False)
+    sae.eval()
+    sae.requires_grad_(False)
+    name = getattr(model.cfg, "model_name", None) or "in-memory model"
+    hook_name, layer = check_fit(model, sae, name)
+    meta = sae.cfg.metadata
+    prepend = getattr(meta, "prepend_bos", None)
+    return Subject(model=model, tokenizer=tok, sae=sae, hook_name=hook_name, layer=layer,
+                   prepend_bos=True if prepend is None else bool(prepend),
+                   context_size=int(getattr(meta, "context_size", None) or model.cfg.n_ctx),
+                   model_key=f"in-memory:{name}", sae_key=f"in-memory:{getattr(meta, 'sae_id', None) or hook_name}",
+                   neuronpedia_id=getattr(meta, "neuronpedia_id", None))

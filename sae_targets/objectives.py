@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import TargetsConfig
-from sae_targets.activations import Quantity, read_latents
-from sae_targets.selection import Target
+from reverie.pipeline.config import TargetsConfig
+from reverie.sae_targets.activations import Quantity, read_latents
+from reverie.sae_targets.selection import Target
 
 def combine_latents(a: torch.Tensor, combine: str | None, p: float = 0.1, offset: float = 1.0) -> torch.Tensor:
     """Combine per-latent values into one objective value.

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.config import CorpusConfig, TargetsConfig
-from pipeline.corpus import iter_documents
-from pipeline.errors import TargetError
-from sae_targets.activations import latent_activations
-from sae_targets.contexts import hook_activations, iter_contexts, pad_batch
-from sae_targets.loading import Subject, check_latents
+from reverie.pipeline.config import CorpusConfig, TargetsConfig
+from reverie.pipeline.corpus import iter_documents
+from reverie.pipeline.errors import TargetError
+from reverie.sae_targets.activations import latent_activations
+from reverie.sae_targets.contexts import hook_activations, iter_contexts, pad_batch
+from reverie.sae_targets.loading import Subject, check_latents
 
 
 @dataclass

@@ -34,11 +34,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pipeline.config import CompareConfig, ReverieConfig
-from pipeline.errors import ReverieError
-from pipeline.store import Store
-from sae_targets.objectives import build_objective
-from sae_targets.selection import Target
+from reverie.pipeline.config import CompareConfig, ReverieConfig
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import Store
+from reverie.sae_targets.objectives import build_objective
+from reverie.sae_targets.selection import Target
 
 DREAM_FIELDS = ("dream_max", "dream_best_ce_limit", "dream_best_in_dist", "dream_z", "n_beating", "attribution_overlap")
 #: dominance verdict states (``comparisons.verdict``)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.store import Store, now
+from reverie.pipeline.store import Store, now
 
 log = logging.getLogger("reverie.features")
 

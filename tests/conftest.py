@@ -23,7 +23,7 @@ DEMO_CONFIG = REPO / "configs" / "demo.toml"
 @pytest.fixture(scope="session")
 def shared() -> Path:
     """The shared data folder ($REVERIE_SHARED or ../shared)."""
-    from pipeline.paths import shared_dir
+    from reverie.pipeline.paths import shared_dir
 
     return shared_dir()
 
@@ -31,7 +31,7 @@ def shared() -> Path:
 @pytest.fixture()
 def demo_cfg(tmp_path):
     """The demo configuration with its project directory in a fresh temporary folder."""
-    from pipeline.config import load_config
+    from reverie.pipeline.config import load_config
 
     return load_config(DEMO_CONFIG, {"project.dir": str(tmp_path / "project")})
 
@@ -39,8 +39,8 @@ def demo_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def subject():
     """The demo model + JumpReLU SAE (loaded once per test session; do not mutate)."""
-    from pipeline.config import load_config
-    from sae_targets.loading import load_subject
+    from reverie.pipeline.config import load_config
+    from reverie.sae_targets.loading import load_subject
 
     cfg = load_config(DEMO_CONFIG)
     return load_subject(cfg.model, cfg.sae)
@@ -49,8 +49,8 @@ def subject():
 @pytest.fixture(scope="session")
 def subject_standard():
     """The demo model + the standard (ReLU) SAE."""
-    from pipeline.config import load_config
-    from sae_targets.loading import load_subject
+    from reverie.pipeline.config import load_config
+    from reverie.sae_targets.loading import load_subject
 
     cfg = load_config(DEMO_CONFIG, {"sae.path": "{shared}/saes/tinystories-656k-res/standard-1024"})
     return load_subject(cfg.model, cfg.sae)

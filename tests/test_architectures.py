@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import TargetError
-from sae_targets.activations import check_architecture, latent_activations, read_latents
-from sae_targets.contexts import hook_activations
+from reverie.pipeline.errors import TargetError
+from reverie.sae_targets.activations import check_architecture, latent_activations, read_latents
+from reverie.sae_targets.contexts import hook_activations
 
 
 def _x(subject, heldout_texts):
@@ -71,7 +71,7 @@ def test_gated_pre_activation_is_the_magnitude_path(subject, heldout_texts):
 
 
 def test_unsupported_architecture_fails_in_check_fit(subject):
-    from sae_targets.loading import check_fit
+    from reverie.sae_targets.loading import check_fit
 
     class Temporal:     # stands for sae-lens's TemporalSAE: encoding depends on other tokens
         class cfg:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.store import Store
+from reverie.pipeline.config import load_config
+from reverie.pipeline.store import Store
 from tests.conftest import DEMO_CONFIG
 from test_browser import browser, shots  # noqa: F401 - the Chromium fixtures (module-scoped)
 
@@ -41,7 +41,7 @@ def nights(tmp_path_factory):
     """Three nightlies in one project; returns (project dir, cfg of the last night, summaries)."""
     from fake_openai import FakeOpenAI
 
-    from pipeline.orchestrate import run_nightly
+    from reverie.pipeline.orchestrate import run_nightly
 
     project = tmp_path_factory.mktemp("atlas") / "project"
     old = {k: os.environ.get(k) for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
@@ -101,7 +101,7 @@ def test_atlas_rows_diff_rows_and_pages(nights):
     union = set().union(*t.values())
     atlas = project / "reports" / "index.html"
     assert all(s.atlas_html == atlas for s in summaries) and atlas.exists()
-    from reports.atlas import diff_runs
+    from reverie.reports.atlas import diff_runs
 
     with Store(project, read_only=True) as s:
         rows = s.fetch("SELECT * FROM atlas_latents")
@@ -133,7 +133,7 @@ def _fake_store(tmp_path):
     """A store with two nights' atlas rows for the diff rules (no model needed)."""
     import datetime as dt
 
-    from pipeline.store import now
+    from reverie.pipeline.store import now
 
     store = Store(tmp_path / "p")
     base = {"model_key": "m", "sae_key": "s", "hook_name": "h", "latents": [1], "combine": None, "log10_density": [-2.0],
@@ -149,7 +149,7 @@ def _fake_store(tmp_path):
 def test_diff_rules_noise_cis_and_regressions(tmp_path):
     import datetime as dt
 
-    from reports.atlas import diff_runs
+    from reverie.reports.atlas import diff_runs
 
     store, base = _fake_store(tmp_path)
     a = {**base, "run_id": "a", "night": "2026-01-01", "started_at": dt.datetime(2026, 1, 1), "dream_fp": "fp1"}
@@ -184,7 +184,7 @@ def test_diff_rules_noise_cis_and_regressions(tmp_path):
 def test_random_draw_prefers_unexplained_latents():
     import torch
 
-    from sae_targets.selection import random_alive_latents
+    from reverie.sae_targets.selection import random_alive_latents
 
     dens = torch.full((50,), -2.0)
     dens[:5] = -9.0  # dead
@@ -259,8 +259,8 @@ def test_cli_diff_and_gc_keep_the_atlas(nights, tmp_path):
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
-    from pipeline.retention import db_size
+    from reverie.pipeline.cli import app
+    from reverie.pipeline.retention import db_size
 
     src, _, _ = nights
     project = tmp_path / "project"
@@ -288,7 +288,7 @@ def test_cli_diff_and_gc_keep_the_atlas(nights, tmp_path):
         gc_at = {r["run_id"]: r["gc_at"] for r in s.fetch("SELECT run_id, gc_at FROM runs")}
         assert gc_at["night-3"] is None and gc_at["night-1"] and gc_at["night-2"]
         assert s.fetch("SELECT count(*) AS n FROM comparisons")[0]["n"] == sum(len(v) for v in t.values())
-        from pipeline.reuse import reusable_dreams
+        from reverie.pipeline.reuse import reusable_dreams
 
         fps = [r["fingerprint"] for r in s.fetch("SELECT fingerprint FROM dream_runs WHERE run_id = 'night-2' AND reused_from IS NULL")]
         assert fps and all(reusable_dreams(s, "night-4", fp, [0]) == [] for fp in fps), "a collected night was offered for reuse"

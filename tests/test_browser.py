@@ -34,8 +34,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    from pipeline.config import load_config
-    from reports.render import render_reports
+    from reverie.pipeline.config import load_config
+    from reverie.reports.render import render_reports
 
     root = tmp_path_factory.mktemp("browser")
     cfg = load_config(None, {"project.dir": str(root / "project")})

@@ -7,7 +7,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from reverie.pipeline.cli import app
 from tests.conftest import DEMO_CONFIG
 
 runner = CliRunner()
@@ -46,7 +46,7 @@ def test_targets_prints_demo_latents(tmp_path):
     assert len(lines) == 8
     again = runner.invoke(app, args)
     assert [l for l in again.output.splitlines() if re.match(r"^\s+\d+\s+-\d+\.\d+\s+\d", l)] == lines
-    from pipeline.store import Store
+    from reverie.pipeline.store import Store
 
     with Store(tmp_path) as s:
         assert s.fetch_one("SELECT count(*) AS n FROM targets")["n"] == 18  # two runs × (8 random + 1 combination)

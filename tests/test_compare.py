@@ -8,9 +8,9 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.store import Store, now
-from stages.compare import pareto_frontier, run_compare
+from reverie.pipeline.cli import app
+from reverie.pipeline.store import Store, now
+from reverie.stages.compare import pareto_frontier, run_compare
 
 RUN, SCAN = "run-a", "scan-x"
 
@@ -122,7 +122,7 @@ def test_compare_cli_prints_the_table(store, tmp_path):
 
 
 def test_dominance_verdict_on_hand_built_frontiers():
-    from stages.compare import V_DOMINATES, V_NO_DATA, V_NO_DREAMS, V_NO_FLUENT_DREAM, V_NOT_DOMINATED, dominance
+    from reverie.stages.compare import V_DOMINATES, V_NO_DATA, V_NO_DREAMS, V_NO_FLUENT_DREAM, V_NOT_DOMINATED, dominance
 
     data = [(1.0, 3.0), (2.0, 5.0), (3.0, 7.0), (2.5, 8.0)]  # best window (3.0, 7.0); frontier 1.0@3, 2.0@5, 3.0@7
     d = dominance([(3.2, 6.9), (0.5, 2.0)], data)
@@ -145,7 +145,7 @@ def test_dominance_verdict_on_hand_built_frontiers():
 
 
 def test_in_distribution_column_null_states():
-    from stages.compare import S_BEATS, S_LOSES, S_NO_DATA_IN, S_NO_DREAM_IN, S_NO_THRESHOLD, in_dist_verdict
+    from reverie.stages.compare import S_BEATS, S_LOSES, S_NO_DATA_IN, S_NO_DREAM_IN, S_NO_THRESHOLD, in_dist_verdict
 
     data = [(2.0, 5.0), (4.0, 9.0)]
     assert in_dist_verdict([(3.0, 6.0)], data, 7.0) == (3.0, 2.0, True, S_BEATS)

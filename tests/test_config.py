@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ReverieConfig, dump_toml, load_config
-from pipeline.errors import ConfigError
+from reverie.pipeline.config import ReverieConfig, dump_toml, load_config
+from reverie.pipeline.errors import ConfigError
 from tests.conftest import DEMO_CONFIG
 
 
@@ -13,7 +13,7 @@ def test_demo_config_points_at_shared(shared):
     cfg = load_config(DEMO_CONFIG)
     assert cfg.model.path == "{shared}/models/tinystories-656k"
     assert cfg.targets.n_random == 8
-    from pipeline.paths import expand
+    from reverie.pipeline.paths import expand
 
     assert expand(cfg.sae.path).startswith(str(shared))
 
@@ -96,7 +96,7 @@ def test_dump_toml_round_trips(tmp_path):
 
 def test_missing_shared_names_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("REVERIE_SHARED", str(tmp_path / "nowhere"))
-    from pipeline.paths import expand
+    from reverie.pipeline.paths import expand
 
     with pytest.raises(ConfigError) as e:
         expand("{shared}/models/x")
@@ -105,7 +105,7 @@ def test_missing_shared_names_variable(monkeypatch, tmp_path):
 
 def test_shared_env_override(monkeypatch, shared):
     monkeypatch.setenv("REVERIE_SHARED", str(shared))
-    from pipeline.paths import shared_dir
+    from reverie.pipeline.paths import shared_dir
 
     assert shared_dir() == shared.resolve()
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import EPOConfig, load_config
-from sae_targets.objectives import Objective, combine_latents
-from sae_targets.selection import Target, random_alive_latents
-from stages.dream import DreamJob, dream_targets, objective_scales, run_epo, run_epo_batch
-from stages.dream.proposals import select_with_replacement
+from reverie.pipeline.config import EPOConfig, load_config
+from reverie.sae_targets.objectives import Objective, combine_latents
+from reverie.sae_targets.selection import Target, random_alive_latents
+from reverie.stages.dream import DreamJob, dream_targets, objective_scales, run_epo, run_epo_batch
+from reverie.stages.dream.proposals import select_with_replacement
 
 SMALL = dict(population=4, children=16, topk=64, iterations=24, restart_every=8, history_every=8)
 
@@ -89,14 +89,14 @@ def test_objective_scales_z_and_dataset_max(subject, latents):
     assert o1 is single and s1 > 0
     assert o2.scales is not None and all(x > 0 for x in o2.scales) and "scale=z" in o2.key and s2 > 0
     # the scale is σ over the baseline's random prompts
-    from sae_targets.baseline import BASELINE_SEED, baselines, random_prompts
+    from reverie.sae_targets.baseline import BASELINE_SEED, baselines, random_prompts
 
     sigma = baselines(subject, random_prompts(subject, 256, 12, BASELINE_SEED), [single])[0].std
     assert s1 == pytest.approx(sigma)
     dm = {latents[0]: 3.0, latents[1]: 2.0, latents[2]: 5.0}
     (d1, t1), (d2, t2) = objective_scales(subject, [single, combo], "dataset_max", 12, dataset_max=dm)
     assert t1 == 3.0 and d2.scales == [2.0, 5.0] and t2 == 1.0
-    from pipeline.errors import ConfigError
+    from reverie.pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="reverie scan"):
         objective_scales(subject, [single], "dataset_max", 12, dataset_max={})
@@ -115,7 +115,7 @@ def test_dream_targets_batches_and_reports_post(subject, latents, tmp_path):
     assert r.batch_jobs == 4 and r.objective_scale == "z" and r.scale > 0
     assert r.objective_key.startswith("post:") and "pre-activation" in r.objective
     post = Objective(sae=subject.sae, latents=[latents[0]], quantity="post")
-    from stages.dream.evaluator import PromptEvaluator
+    from reverie.stages.dream.evaluator import PromptEvaluator
 
     ev = PromptEvaluator(subject, post, cfg.dream)
     got = ev.evaluate(torch.tensor([p.token_ids for p in r.frontier])).act
@@ -124,8 +124,8 @@ def test_dream_targets_batches_and_reports_post(subject, latents, tmp_path):
 
 
 def test_attribution_prompts_prefer_fluent_winner():
-    from stages.dream.result import DreamPrompt
-    from stages.dream.stage import attribution_prompts
+    from reverie.stages.dream.result import DreamPrompt
+    from reverie.stages.dream.stage import attribution_prompts
 
     def p(i, a, c):
         return DreamPrompt(token_ids=[i], tokens=[str(i)], text=str(i), activation=a, ce=c, lam=None, iteration=0, seed=0)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import EPOConfig
-from sae_targets.objectives import Objective, combine_latents
-from sae_targets.selection import random_alive_latents
-from stages.dream.epo import run_epo
-from stages.dream.evaluator import PromptEvaluator, banned_ids
-from stages.dream.proposals import propose_children, restart_choice, select_with_replacement, topk_candidates
+from reverie.pipeline.config import EPOConfig
+from reverie.sae_targets.objectives import Objective, combine_latents
+from reverie.sae_targets.selection import random_alive_latents
+from reverie.stages.dream.epo import run_epo
+from reverie.stages.dream.evaluator import PromptEvaluator, banned_ids
+from reverie.stages.dream.proposals import propose_children, restart_choice, select_with_replacement, topk_candidates
 
 SMALL = dict(population=4, children=16, topk=64, iterations=30, restart_every=10, history_every=10)
 BANNED = ["the▁", "was▁", ".", "girl "]

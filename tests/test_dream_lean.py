@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import EPOConfig
-from sae_targets.objectives import Objective
-from stages.dream.evaluator import PromptEvaluator
-from stages.dream.lean import LeanForward, unsupported
+from reverie.pipeline.config import EPOConfig
+from reverie.sae_targets.objectives import Objective
+from reverie.stages.dream.evaluator import PromptEvaluator
+from reverie.stages.dream.lean import LeanForward, unsupported
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,7 +101,7 @@ def test_evaluator_same_numbers_lean_or_not(subject, template):
 
 def test_bf16_search_reports_float32_numbers(subject):
     """search_dtype = bfloat16: the stored frontier is re-scored in float32."""
-    from stages.dream import run_epo
+    from reverie.stages.dream import run_epo
 
     obj = Objective(sae=subject.sae, latents=[552])
     cfg = EPOConfig(population=4, children=16, topk=64, iterations=6, search_dtype="bfloat16")

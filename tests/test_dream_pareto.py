@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.dream.pareto import dedup_rows_first, frontier_of, pareto_mask
+from reverie.stages.dream.pareto import dedup_rows_first, frontier_of, pareto_mask
 
 
 def brute_force(a: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.store import Store
-from sae_targets.selection import Target
-from stages.dream import dream_target, format_frontier, merge_results, write_dream
+from reverie.pipeline.store import Store
+from reverie.sae_targets.selection import Target
+from reverie.stages.dream import dream_target, format_frontier, merge_results, write_dream
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,7 +60,7 @@ def test_dream_target_merge_and_idempotent_write(small_cfg, subject):
 def test_cli_dream(small_cfg, tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from reverie.pipeline.cli import app
 
     res = CliRunner().invoke(app, ["dream", "--latent", "958", "--latent", "1547", "--combine", "lp", "--p", "0.1",
                                    "--iterations", "3", "--set", f"project.dir=\"{tmp_path / 'p'}\"", "--set", "dream.children=4",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from pipeline.cli import dream_table, ppl, sig
-from stages.dream import merge_results
-from stages.dream.result import DreamPrompt, DreamResult
+from reverie.pipeline.cli import dream_table, ppl, sig
+from reverie.stages.dream import merge_results
+from reverie.stages.dream.result import DreamPrompt, DreamResult
 
 
 def _result(seed: int, points: list[tuple[float, float, str]]) -> DreamResult:

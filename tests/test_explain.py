@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_config
-from stages.explain import explain_available
-from stages.explain.client import REDACTED, Budget, BudgetExceeded, cache_key, redact, retry_after_s, retryable
-from stages.explain.inputs import Example, spread, split_dataset, split_dreams
-from stages.explain.prompts import (
+from reverie.pipeline.config import load_config
+from reverie.stages.explain import explain_available
+from reverie.stages.explain.client import REDACTED, Budget, BudgetExceeded, cache_key, redact, retry_after_s, retryable
+from reverie.stages.explain.inputs import Example, spread, split_dataset, split_dreams
+from reverie.stages.explain.prompts import (
     ParseError, activation_marks, detection_messages, explanation_messages, format_marked, parse_explanation, parse_labels,
 )
-from stages.explain.scoring import detection_metrics
+from reverie.stages.explain.scoring import detection_metrics
 
 
 def ex(tokens, acts, kind="top"):

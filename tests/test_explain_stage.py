@@ -12,10 +12,10 @@ import pytest
 from fake_openai import FakeOpenAI
 from typer.testing import CliRunner
 
-from pipeline.config import load_config
-from pipeline.store import Store, now
-from stages.explain import run_explain
-from stages.explain.client import REDACTED, LLMClient, LLMError, StoreCache
+from reverie.pipeline.config import load_config
+from reverie.pipeline.store import Store, now
+from reverie.stages.explain import run_explain
+from reverie.stages.explain.client import REDACTED, LLMClient, LLMError, StoreCache
 
 KEY = "sk-test-9f8e7d6c5b4a-SECRET"
 RUN = "run-explain-test"
@@ -327,7 +327,7 @@ def test_key_never_reaches_db_or_logs(project, server, caplog, capsys):
 
 # ---------------------------------------------------------------------------- CLI
 def test_cli_explain_end_to_end(tmp_path, server, monkeypatch):
-    from pipeline.cli import app
+    from reverie.pipeline.cli import app
 
     project_dir = tmp_path / "cli-project"
     with Store(project_dir) as store:

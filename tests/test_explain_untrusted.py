@@ -8,9 +8,9 @@ import pytest
 from fake_openai import ESCAPE_ANSWER, HUGE_CHARS, REFUSAL
 from typer.testing import CliRunner
 
-from pipeline.store import Store
-from stages.explain import run_explain
-from stages.explain.prompts import UnusableAnswer, check_answer
+from reverie.pipeline.store import Store
+from reverie.stages.explain import run_explain
+from reverie.stages.explain.prompts import UnusableAnswer, check_answer
 from test_explain_stage import KEY, RUN, SCAN, TRIGGERS, make_cfg, populate, project, server  # noqa: F401 - fixtures
 
 
@@ -66,7 +66,7 @@ def test_over_long_answer_is_capped_stored_once_and_a_failure(project, server):
 
 
 def test_escape_sequences_in_an_explanation_are_escaped_on_the_terminal(tmp_path, server):
-    from pipeline.cli import app
+    from reverie.pipeline.cli import app
 
     project_dir = tmp_path / "cli-project"
     with Store(project_dir) as store:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.corpus import iter_documents
-from pipeline.store import Store
-from sae_targets.activations import latent_activations
-from sae_targets.contexts import hook_activations, iter_contexts
-from stages.features import decoder_neighbours, ensure_features, logit_lens_rows
-from stages.scan.stage import finish_scan, scan_pass
+from reverie.pipeline.corpus import iter_documents
+from reverie.pipeline.store import Store
+from reverie.sae_targets.activations import latent_activations
+from reverie.sae_targets.contexts import hook_activations, iter_contexts
+from reverie.stages.features import decoder_neighbours, ensure_features, logit_lens_rows
+from reverie.stages.scan.stage import finish_scan, scan_pass
 
 LATENTS = [5, 9, 100]
 

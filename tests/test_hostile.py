@@ -20,12 +20,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import plaindata
-from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.corpus import CorpusStats, iter_documents
-from pipeline.errors import LoadError, StoreWriteError
-from pipeline.store import Store
+from reverie.pipeline import plaindata
+from reverie.pipeline.cli import app
+from reverie.pipeline.config import load_config
+from reverie.pipeline.corpus import CorpusStats, iter_documents
+from reverie.pipeline.errors import LoadError, StoreWriteError
+from reverie.pipeline.store import Store
 from tests.conftest import DEMO_CONFIG, REPO
 
 runner = CliRunner()
@@ -46,7 +46,7 @@ class _Planted:
 
 
 def test_planted_pickle_checkpoint_runs_nothing(tmp_path, caplog):
-    from stages.scan.stage import load_checkpoint
+    from reverie.stages.scan.stage import load_checkpoint
 
     marker = tmp_path / "pwned"
     blob = pickle.dumps(_Planted(marker))
@@ -65,7 +65,7 @@ def test_planted_pickle_checkpoint_runs_nothing(tmp_path, caplog):
 
 
 def test_plain_data_refuses_unknown_classes_and_object_arrays():
-    from stages.scan.topk import Candidate
+    from reverie.stages.scan.topk import Candidate
 
     blob = plaindata.dumps({"c": Candidate(1.0, 2, 3, (4, 5), {"a": np.arange(3)})}, [Candidate])
     with pytest.raises(plaindata.PlainDataError, match="unknown class 'Candidate'"):
@@ -77,7 +77,7 @@ def test_plain_data_refuses_unknown_classes_and_object_arrays():
 
 
 def test_scan_state_round_trips_as_plain_data(demo_cfg, subject, one_torch_thread):
-    from stages.scan.stage import CHECKPOINT_CLASSES, scan_pass
+    from reverie.stages.scan.stage import CHECKPOINT_CLASSES, scan_pass
 
     cfg = load_config(DEMO_CONFIG, {"scan.max_tokens": 800, "scan.batch_size": 4, "scan.top_k": 4, "scan.window_search_top": 4})
     state = scan_pass(cfg, subject, [5, 9], progress=False)
@@ -143,7 +143,7 @@ def _write_bad_corpus(path: Path, shared: Path) -> list[str]:
 
 
 def test_bad_byte_bad_lines_and_lone_surrogate_are_skipped_or_cleaned_and_counted(tmp_path, shared, subject):
-    from sae_targets.contexts import iter_contexts
+    from reverie.sae_targets.contexts import iter_contexts
 
     corpus = tmp_path / "bad.jsonl"
     good = _write_bad_corpus(corpus, shared)
@@ -163,9 +163,9 @@ def test_bad_byte_bad_lines_and_lone_surrogate_are_skipped_or_cleaned_and_counte
 
 
 def test_scan_stores_the_corpus_counts_and_the_index_shows_them(tmp_path, shared, subject, one_torch_thread):
-    from reports.data import _find_scan, _Reader
-    from sae_targets.selection import Target
-    from stages.scan import run_scan
+    from reverie.reports.data import _find_scan, _Reader
+    from reverie.sae_targets.selection import Target
+    from reverie.stages.scan import run_scan
 
     corpus = tmp_path / "bad.jsonl"
     _write_bad_corpus(corpus, shared)
@@ -185,10 +185,10 @@ def test_scan_stores_the_corpus_counts_and_the_index_shows_them(tmp_path, shared
 
 
 def test_changed_sae_file_is_a_new_scan_key(tmp_path, subject, monkeypatch):
-    from pipeline.hashing import SAE_FILES
-    from pipeline.paths import expand
-    from sae_targets.loading import input_sha
-    from stages.scan import scan_key
+    from reverie.pipeline.hashing import SAE_FILES
+    from reverie.pipeline.paths import expand
+    from reverie.sae_targets.loading import input_sha
+    from reverie.stages.scan import scan_key
 
     monkeypatch.setenv("REVERIE_HASH_CACHE", str(tmp_path / "hashes.json"))
     sae_dir = tmp_path / "sae"
@@ -212,7 +212,7 @@ def test_changed_sae_file_is_a_new_scan_key(tmp_path, subject, monkeypatch):
 
 
 def test_nan_weights_fail_check_fit_with_a_clear_message(subject):
-    from sae_targets.loading import check_fit
+    from reverie.sae_targets.loading import check_fit
 
     sae = copy.deepcopy(subject.sae)
     with torch.no_grad():
@@ -224,7 +224,7 @@ def test_nan_weights_fail_check_fit_with_a_clear_message(subject):
 
 
 def test_nan_activations_fail_the_scan_unit(demo_cfg, subject, monkeypatch):
-    import stages.scan.stage as scan_stage
+    import reverie.stages.scan.stage as scan_stage
 
     real = scan_stage.rank_and_post
 
@@ -278,7 +278,7 @@ class _FailingConn:
 def test_disk_full_during_a_nightly_is_one_message(tmp_path, monkeypatch):
     """The nightly's targets write fails: one line on the terminal (no traceback, no chain of
     failures recorded for units), exit code 1, the run row (committed earlier) kept."""
-    from pipeline import store as store_mod
+    from reverie.pipeline import store as store_mod
 
     real_replace = store_mod.Store.replace
 
@@ -308,7 +308,7 @@ def test_disk_full_during_a_nightly_is_one_message(tmp_path, monkeypatch):
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if anything loads the model."""
-    import sae_targets.loading as loading
+    import reverie.sae_targets.loading as loading
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
@@ -371,7 +371,7 @@ def test_sae_without_cfg_json_and_model_without_config_json_say_how_to_fix(tmp_p
 def test_error_text_is_escaped_and_tracebacks_only_with_debug(tmp_path, monkeypatch):
     r = runner.invoke(app, ["targets", "--config", str(DEMO_CONFIG), "--set", "model.path=/nonexistent/\x1b[31mred\x07"])
     assert r.exit_code == 2 and "\x1b" not in r.output and "\x07" not in r.output and "\\u001b[31mred\\u0007" in r.output
-    import pipeline.cli as cli
+    import reverie.pipeline.cli as cli
 
     def broken(*a, **k):
         raise RuntimeError("something unexpected")
@@ -385,6 +385,6 @@ def test_error_text_is_escaped_and_tracebacks_only_with_debug(tmp_path, monkeypa
 
 
 def dt_now():
-    from pipeline.store import now
+    from reverie.pipeline.store import now
 
     return now()

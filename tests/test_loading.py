@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.errors import LoadError, OfflineError, TargetError
-from sae_targets.activations import decoder_projection, latent_activations, read_latents
-from sae_targets.contexts import hook_activations
-from sae_targets.loading import check_latents, load_model, load_sae, load_subject
+from reverie.pipeline.config import load_config
+from reverie.pipeline.errors import LoadError, OfflineError, TargetError
+from reverie.sae_targets.activations import decoder_projection, latent_activations, read_latents
+from reverie.sae_targets.contexts import hook_activations
+from reverie.sae_targets.loading import check_latents, load_model, load_sae, load_subject
 from tests.conftest import DEMO_CONFIG
 
 SAES = ["jumprelu-2048", "standard-1024"]
@@ -204,7 +204,7 @@ def test_missing_dirs(tmp_path):
 
 def test_hub_unreachable_without_offline_flag_fails_fast(monkeypatch):
     """No HF_HUB_OFFLINE, no network: a TCP probe fails within seconds instead of retrying."""
-    from pipeline.hub import check_hub_reachable
+    from reverie.pipeline.hub import check_hub_reachable
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.store import Store
+from reverie.pipeline.config import load_config
+from reverie.pipeline.store import Store
 from tests.conftest import DEMO_CONFIG, REPO
 
 # small but real: 2 random latents + one 2-latent combination, a short EPO, a short scan
@@ -76,7 +76,7 @@ def _cfg(project: Path, **extra):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted nightly on the demo (local executor)."""
-    from pipeline.orchestrate import run_nightly
+    from reverie.pipeline.orchestrate import run_nightly
 
     project = tmp_path_factory.mktemp("ref")
     summary = run_nightly(_cfg(project), run_id="nightly-test")
@@ -101,7 +101,7 @@ def test_nightly_end_to_end(reference):
 
 
 def test_rerun_skips_finished_units(reference, tmp_path):
-    from pipeline.orchestrate import run_nightly
+    from reverie.pipeline.orchestrate import run_nightly
 
     project, _ = reference
     before = snapshot(project)
@@ -154,7 +154,7 @@ def test_kill_at_several_points_then_resume_equals_uninterrupted(reference, tmp_
 @pytest.mark.ray
 def test_ray_executor_gives_the_same_rows(reference, tmp_path):
     pytest.importorskip("ray")
-    from pipeline.orchestrate import run_nightly
+    from reverie.pipeline.orchestrate import run_nightly
 
     ref_project, _ = reference
     project = tmp_path / "ray"
@@ -166,8 +166,8 @@ def test_ray_executor_gives_the_same_rows(reference, tmp_path):
 
 def test_a_failing_unit_does_not_stop_the_others(tmp_path, monkeypatch):
     """A target whose dream raises is recorded as failed; the rest finish; exit code 1."""
-    import stages.dream.stage as stage
-    from pipeline.orchestrate import run_nightly
+    import reverie.stages.dream.stage as stage
+    from reverie.pipeline.orchestrate import run_nightly
 
     real = stage.run_epo_batch
 

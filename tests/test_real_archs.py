@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, SAEConfig
-from pipeline.store import Store
-from sae_targets.loading import load_subject
+from reverie.pipeline.config import ModelConfig, SAEConfig
+from reverie.pipeline.store import Store
+from reverie.sae_targets.loading import load_subject
 from tests.realshapes import build_model, save_sae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -61,7 +61,7 @@ def test_logits_match_transformers(arch):
 
 
 def test_lean_forward_covers_neox_and_falls_back_for_gemma3(arch):
-    from stages.dream.lean import LeanForward, unsupported
+    from reverie.stages.dream.lean import LeanForward, unsupported
 
     kind, _, _, subject = arch
     why = unsupported(subject.model, subject.hook_name)
@@ -78,10 +78,10 @@ def test_lean_forward_covers_neox_and_falls_back_for_gemma3(arch):
 
 
 def test_targets_scan_dream(arch, demo_cfg, tmp_path):
-    from pipeline.orchestrate import record_targets
-    from sae_targets.selection import select_targets
-    from stages.dream import dream_target, write_dream
-    from stages.scan import run_scan
+    from reverie.pipeline.orchestrate import record_targets
+    from reverie.sae_targets.selection import select_targets
+    from reverie.stages.dream import dream_target, write_dream
+    from reverie.stages.scan import run_scan
 
     kind, model_dir, sae_dir, subject = arch
     cfg = _cfg(demo_cfg, model_dir, sae_dir, tmp_path)

@@ -17,8 +17,8 @@ import warnings
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, SAEConfig
-from sae_targets.loading import load_sae, load_subject, processing_flags
+from reverie.pipeline.config import ModelConfig, SAEConfig
+from reverie.sae_targets.loading import load_sae, load_subject, processing_flags
 from tests.realshapes import build_model, edit_cfg, save_sae
 
 HOOK = "blocks.1.hook_resid_pre"
@@ -50,7 +50,7 @@ def _sae_lens_acts(model_dir, sae, tokens, tokenizer):
 
 
 def _reverie_acts(subject, tokens):
-    from stages.scan.stage import batch_activations
+    from reverie.stages.scan.stage import batch_activations
 
     return batch_activations(subject, list(range(subject.d_sae)), "post", tokens)[1]
 
@@ -102,7 +102,7 @@ def test_hub_model_loads_with_sae_kwargs(monkeypatch):
     """A hub name loads with from_pretrained_no_processing(name, **model_from_pretrained_kwargs)."""
     import transformer_lens
 
-    from sae_targets import loading
+    from reverie.sae_targets import loading
 
     seen = {}
 
@@ -153,8 +153,8 @@ def _scaled_copy(src, dst, s: float, scaler_file: bool):
 
 
 def test_norm_scaling_folded_from_activation_scaler(subject, tmp_path, heldout_texts):
-    from sae_targets.activations import latent_activations
-    from sae_targets.contexts import hook_activations
+    from reverie.sae_targets.activations import latent_activations
+    from reverie.sae_targets.contexts import hook_activations
 
     s = 0.0731
     dst = _scaled_copy(subject.sae_key, tmp_path / "scaled", s, scaler_file=True)
@@ -174,8 +174,8 @@ def test_norm_scaling_folded_from_activation_scaler(subject, tmp_path, heldout_t
 
 
 def test_norm_scaling_without_factor_warns_and_setting_folds(subject, tmp_path, heldout_texts):
-    from sae_targets.activations import latent_activations
-    from sae_targets.contexts import hook_activations
+    from reverie.sae_targets.activations import latent_activations
+    from reverie.sae_targets.contexts import hook_activations
 
     s = 0.0731
     dst = _scaled_copy(subject.sae_key, tmp_path / "scaled", s, scaler_file=False)
@@ -192,9 +192,9 @@ def test_norm_scaling_without_factor_warns_and_setting_folds(subject, tmp_path, 
 # --------------------------------------------------------------------------- identity in the database
 
 def test_sae_identity_recorded_and_read_by_reports(subject, tmp_path):
-    from pipeline.sae_identity import record_sae, run_sae
-    from pipeline.store import Store
-    from reports.data import neuronpedia_id_for
+    from reverie.pipeline.sae_identity import record_sae, run_sae
+    from reverie.pipeline.store import Store
+    from reverie.reports.data import neuronpedia_id_for
 
     with Store(tmp_path / "p") as store:
         store.start_run("r1", "test", "{}", "0")
@@ -217,7 +217,7 @@ def test_sae_identity_recorded_and_read_by_reports(subject, tmp_path):
 def test_registry_sae_identity_row():
     from types import SimpleNamespace
 
-    from pipeline.sae_identity import sae_identity_row
+    from reverie.pipeline.sae_identity import sae_identity_row
 
     s = SimpleNamespace(sae_key="gemma-scope-2-270m-pt-res/layer_5_width_16k_l0_small", sae_sha="name:x", architecture="jumprelu",
                         d_in=640, d_sae=16384, hook_name="blocks.5.hook_resid_post", prepend_bos=True, context_size=1024,

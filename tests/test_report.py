@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import ReverieError
-from pipeline.store import Store
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import Store
 
 RUN = "nightly-20250101"
 OLD_RUN = "targets-20241231"
@@ -113,7 +113,7 @@ def build_synthetic_db(project_dir: Path, seed: int = 0) -> Store:
     """A project database with two runs; the nightly run has targets
     '101' (everything, hostile text), '202' (dreams + scan, no comparison, explain failure),
     '303' (dream failed, no scan covers it) and '101+202' (lp combination, compared, not explained)."""
-    from pipeline.config import ReverieConfig
+    from reverie.pipeline.config import ReverieConfig
 
     rng = np.random.default_rng(seed)
     store = Store(project_dir)
@@ -238,8 +238,8 @@ def build_synthetic_db(project_dir: Path, seed: int = 0) -> Store:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """The synthetic project rendered once per module: (index path, store, cfg)."""
-    from pipeline.config import load_config
-    from reports.render import render_reports
+    from reverie.pipeline.config import load_config
+    from reverie.reports.render import render_reports
 
     cfg = load_config(None, {"project.dir": str(tmp_path_factory.mktemp("report") / "project")})
     store = build_synthetic_db(cfg.project.path)
@@ -415,8 +415,8 @@ def test_csp_allows_only_the_sort_script(report):
 def test_partial_database_renders(tmp_path):
     """Only targets recorded (no dream/scan/compare/explain rows), in a database lacking the
     later stages' tables, still renders with a line per missing section."""
-    from pipeline.config import load_config
-    from reports.render import render_reports
+    from reverie.pipeline.config import load_config
+    from reverie.reports.render import render_reports
 
     cfg = load_config(None, {"project.dir": str(tmp_path / "p")})
     with Store(cfg.project.path) as store:
@@ -438,8 +438,8 @@ def test_partial_database_renders(tmp_path):
 
 
 def test_unknown_run_and_empty_database(tmp_path):
-    from pipeline.config import load_config
-    from reports.render import render_reports
+    from reverie.pipeline.config import load_config
+    from reverie.reports.render import render_reports
 
     cfg = load_config(None, {"project.dir": str(tmp_path / "p")})
     with Store(cfg.project.path) as store:
@@ -451,8 +451,8 @@ def test_unknown_run_and_empty_database(tmp_path):
 
 
 def test_default_out_dir_and_latest_run(tmp_path):
-    from pipeline.config import load_config
-    from reports.render import default_out_dir, render_reports
+    from reverie.pipeline.config import load_config
+    from reverie.reports.render import default_out_dir, render_reports
 
     cfg = load_config(None, {"project.dir": str(tmp_path / "p")})
     assert default_out_dir(cfg, RUN) == cfg.project.path / "reports" / RUN
@@ -466,7 +466,7 @@ def test_default_out_dir_and_latest_run(tmp_path):
 def test_cli_report(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from reverie.pipeline.cli import app
 
     project = tmp_path / "p"
     build_synthetic_db(project).close()
@@ -481,7 +481,7 @@ def test_cli_report(tmp_path):
 def test_clean_text_and_formatting():
     from markupsafe import Markup
 
-    from reports.render import clean_text, fmt_num, fmt_seconds, page_name, show_token
+    from reverie.reports.render import clean_text, fmt_num, fmt_seconds, page_name, show_token
 
     assert clean_text("a\x00b\x1bc\u202ed\u2066e\nf\tg\x7f") == "a\\x00b\\x1bc\\u202ed\\u2066e\nf\tg\\x7f"
     assert clean_text(Markup("<b>\x00</b>")) == Markup("<b>\x00</b>") and clean_text(3.5) == 3.5

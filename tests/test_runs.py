@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.store import Store
+from reverie.pipeline.cli import app
+from reverie.pipeline.store import Store
 from tests.conftest import DEMO_CONFIG, REPO
 
 runner = CliRunner()
@@ -42,7 +42,7 @@ def _run_row(project: Path, run_id: str) -> dict:
 
 @pytest.fixture(autouse=True)
 def _clean_signal_flag():
-    from pipeline import signals
+    from reverie.pipeline import signals
 
     signals.clear()
     yield
@@ -53,9 +53,9 @@ def _clean_signal_flag():
 
 
 def test_ledger_never_records_an_interruption_as_a_failure(tmp_path):
-    from pipeline import signals
-    from pipeline.errors import Interrupted
-    from pipeline.orchestrate import NightlySummary, UnitLedger
+    from reverie.pipeline import signals
+    from reverie.pipeline.errors import Interrupted
+    from reverie.pipeline.orchestrate import NightlySummary, UnitLedger
 
     with Store(tmp_path) as store:
         store.start_run("r", "nightly", "{}", "h")
@@ -93,8 +93,8 @@ def test_ledger_never_records_an_interruption_as_a_failure(tmp_path):
 
 
 def test_check_interrupt_and_exit_codes():
-    from pipeline import signals
-    from pipeline.errors import Interrupted
+    from reverie.pipeline import signals
+    from reverie.pipeline.errors import Interrupted
 
     signals.check_interrupt()  # nothing pending: returns
     signals.request_stop(signal.SIGINT)  # first signal: only the flag
@@ -206,8 +206,8 @@ def test_signal_interrupts_then_a_rerun_resumes(signum, code, tmp_path):
         assert proc.returncode == 0, out[-2000:]
         assert "skipped targets: already done" in out and "skipped scan: already done" in out
     else:  # ... and so does the library call, which then keeps the unchanged report
-        from pipeline.config import load_config
-        from pipeline.orchestrate import run_nightly
+        from reverie.pipeline.config import load_config
+        from reverie.pipeline.orchestrate import run_nightly
 
         cfg = load_config(DEMO_CONFIG, {**TINY, "project.dir": str(project)})
         s = run_nightly(cfg, run_id)

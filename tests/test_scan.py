@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.corpus import iter_documents
-from pipeline.errors import OfflineError
-from pipeline.store import Store
-from sae_targets.activations import latent_activations
-from sae_targets.contexts import hook_activations, iter_contexts
-from sae_targets.selection import Target
-from stages.scan import run_scan, scan_key, scan_pass
-from stages.scan.stage import _shown
+from reverie.pipeline.config import load_config
+from reverie.pipeline.corpus import iter_documents
+from reverie.pipeline.errors import OfflineError
+from reverie.pipeline.store import Store
+from reverie.sae_targets.activations import latent_activations
+from reverie.sae_targets.contexts import hook_activations, iter_contexts
+from reverie.sae_targets.selection import Target
+from reverie.stages.scan import run_scan, scan_key, scan_pass
+from reverie.stages.scan.stage import _shown
 
 REPO = Path(__file__).resolve().parents[1]
 LATENTS = [5, 9, 100]  # 9 is dense (~12% of tokens): many candidates and repeated windows
@@ -103,7 +103,7 @@ def test_killed_scan_resumes_to_the_rows_of_an_uninterrupted_scan(demo_cfg, subj
             "scan.baseline_prompts": 64, "scan.random_prompt_examples": 4, "scan.checkpoint_every": 2,
             "targets.combinations": []}
     killed_dir, fresh_dir = tmp_path / "killed", tmp_path / "fresh"
-    cmd = [sys.executable, "-m", "pipeline.cli", "scan", "--config", str(REPO / "configs" / "demo.toml"),
+    cmd = [sys.executable, "-m", "reverie.pipeline.cli", "scan", "--config", str(REPO / "configs" / "demo.toml"),
            "--project-dir", str(killed_dir), "--latent", "5", "--latent", "9"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -174,9 +174,9 @@ def test_hub_corpus_offline_fails_fast(demo_cfg, subject):
 
 
 def test_context_windows_and_search_match_windows_fed_alone(subject, heldout_texts, one_torch_thread):
-    from stages.scan.search import context_windows, evaluate_matched, pareto_mask, search_contexts
-    from stages.scan.stage import single_objective
-    from pipeline.config import load_config
+    from reverie.stages.scan.search import context_windows, evaluate_matched, pareto_mask, search_contexts
+    from reverie.stages.scan.stage import single_objective
+    from reverie.pipeline.config import load_config
 
     w, end = context_windows([1, 10, 11, 12, 13, 14], 3, 1)
     assert w.tolist() == [[10, 11, 12], [11, 12, 13], [12, 13, 14]] and end.tolist() == [3, 4, 5]
@@ -244,7 +244,7 @@ def test_percentile_ce_bands_from_a_synthetic_corpus(demo_cfg, subject, tmp_path
     percentile among the fluent windows and the median among the gibberish ones."""
     import json
 
-    from stages.scan.search import ce_bands
+    from reverie.stages.scan.search import ce_bands
 
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, np.nan])
     b = ce_bands(x)
@@ -262,7 +262,7 @@ def test_percentile_ce_bands_from_a_synthetic_corpus(demo_cfg, subject, tmp_path
     with Store(cfg.project.path) as store:
         sid = run_scan(cfg, subject, store, [Target([5])], progress=False)
         s = store.fetch_one("SELECT * FROM scans WHERE scan_id = ?", [sid])
-    from stages.scan.search import evaluate_matched
+    from reverie.stages.scan.search import evaluate_matched
 
     fluent, _, _ = evaluate_matched(subject, [subject.encode(story)[:12]], [])
     assert s["ce_p10"] < 6.0 and fluent[0] < 6.0 < s["ce_p50"]  # 10th percentile: a fluent window; median: gibberish

@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 
-from stages.scan.topk import AdaptiveHistogram, BottomKSample, Candidate, QuantileSampler, StreamingTopK, priorities
+from reverie.stages.scan.topk import AdaptiveHistogram, BottomKSample, Candidate, QuantileSampler, StreamingTopK, priorities
 
 
 def _brute_topk(cands: list[tuple[float, int, int, tuple]], k: int) -> list[tuple[int, int]]:

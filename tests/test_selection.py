@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.errors import TargetError
-from sae_targets.loading import load_subject
-from sae_targets.selection import estimate_log10_density, random_alive_latents, select_targets
+from reverie.pipeline.config import load_config
+from reverie.pipeline.errors import TargetError
+from reverie.sae_targets.loading import load_subject
+from reverie.sae_targets.selection import estimate_log10_density, random_alive_latents, select_targets
 from tests.conftest import DEMO_CONFIG
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from pipeline.errors import ReverieError
-from pipeline.store import DB_NAME, Store, migrations
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import DB_NAME, Store, migrations
 
 
 def test_fresh_database_has_latest_schema(tmp_path):

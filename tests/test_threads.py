@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.errors import ReverieError
+from reverie.pipeline.cli import app
+from reverie.pipeline.errors import ReverieError
 from tests.conftest import DEMO_CONFIG
 
 
@@ -22,7 +22,7 @@ def threads_restored():
 def test_commands_apply_torch_threads_before_loading(command, tmp_path, monkeypatch, threads_restored):
     """Inside `reverie dream` / `scan` / `targets` / `nightly` the model loads (the first tensor
     work) on run.torch_threads threads, whatever the process had before."""
-    import sae_targets.loading as loading
+    import reverie.sae_targets.loading as loading
 
     seen = []
 
@@ -42,7 +42,7 @@ def test_commands_apply_torch_threads_before_loading(command, tmp_path, monkeypa
 def test_apply_torch_threads_tolerates_a_second_call(threads_restored):
     from types import SimpleNamespace
 
-    from pipeline.runtime import apply_torch_threads
+    from reverie.pipeline.runtime import apply_torch_threads
 
     assert apply_torch_threads(SimpleNamespace(torch_threads=1)) == 1
     assert apply_torch_threads(SimpleNamespace(torch_threads=2)) == 2   # inter-op may already be fixed: no error

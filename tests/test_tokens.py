@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from sae_targets.tokens import display_text, from_display, token_pieces, truncate_start, visible
+from reverie.sae_targets.tokens import display_text, from_display, token_pieces, truncate_start, visible
 
 
 @pytest.fixture(scope="module")
 def demo_tok(shared: Path):
     """The demo tokenizer exactly as the project loads it (configs/demo.toml: no dummy prefix)."""
-    from pipeline.config import load_config
-    from sae_targets.loading import load_tokenizer
+    from reverie.pipeline.config import load_config
+    from reverie.sae_targets.loading import load_tokenizer
     from tests.conftest import DEMO_CONFIG
 
     cfg = load_config(DEMO_CONFIG)
@@ -98,7 +98,7 @@ def test_byte_fallback_tokens_are_escapes(byte_fallback_tok):
 
 
 def test_subject_decode_tokens_uses_the_renderer(demo_tok):
-    from sae_targets.loading import Subject
+    from reverie.sae_targets.loading import Subject
 
     ids = demo_tok("The stick and the ball.", add_special_tokens=False)["input_ids"]
     assert Subject.decode_tokens(SimpleNamespace(tokenizer=demo_tok), ids) == token_pieces(demo_tok, ids)
@@ -114,8 +114,8 @@ def test_display_convention_round_trips():
 
 
 def test_explain_prompts_show_pieces_once_escaped(demo_tok):
-    from stages.explain.inputs import Example
-    from stages.explain.prompts import format_marked
+    from reverie.stages.explain.inputs import Example
+    from reverie.stages.explain.prompts import format_marked
 
     ids = demo_tok("the stick\nand", add_special_tokens=False)["input_ids"]
     pieces = tuple(token_pieces(demo_tok, ids))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from stages.dream.evaluator import PromptEvaluator
-from stages.dream.result import PositionAttribution, Replacement
+from reverie.stages.dream.evaluator import PromptEvaluator
+from reverie.stages.dream.result import PositionAttribution, Replacement
 
 
 @torch.no_grad()

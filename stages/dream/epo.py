@@ -27,13 +27,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import EPOConfig
-from sae_targets.loading import Subject
-from sae_targets.objectives import Objective
-from stages.dream.evaluator import EvalOut, PromptEvaluator, log_lambdas, merge_states
-from stages.dream.pareto import dedup_rows_first, pareto_mask
-from stages.dream.proposals import propose_children, restart_choice, select_with_replacement, topk_candidates
-from stages.dream.result import DreamPrompt, DreamResult, FrontierSnapshot, RestartEvent
+from reverie.pipeline.config import EPOConfig
+from reverie.sae_targets.loading import Subject
+from reverie.sae_targets.objectives import Objective
+from reverie.stages.dream.evaluator import EvalOut, PromptEvaluator, log_lambdas, merge_states
+from reverie.stages.dream.pareto import dedup_rows_first, pareto_mask
+from reverie.stages.dream.proposals import propose_children, restart_choice, select_with_replacement, topk_candidates
+from reverie.stages.dream.result import DreamPrompt, DreamResult, FrontierSnapshot, RestartEvent
 
 
 @dataclass

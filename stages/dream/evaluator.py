@@ -38,10 +38,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import EPOConfig
-from pipeline.errors import ConfigError
-from sae_targets.loading import Subject
-from sae_targets.objectives import Objective
+from reverie.pipeline.config import EPOConfig
+from reverie.pipeline.errors import ConfigError
+from reverie.sae_targets.loading import Subject
+from reverie.sae_targets.objectives import Objective
 
 
 def group_runs(group: np.ndarray) -> list[tuple[int, int, int]]:
@@ -184,7 +184,7 @@ class PromptEvaluator:
         self.lean = None
         self.search_dtype = torch.bfloat16 if getattr(cfg, "search_dtype", "float32") == "bfloat16" else torch.float32
         if getattr(cfg, "lean_forward", True):
-            from stages.dream.lean import LeanForward, unsupported
+            from reverie.stages.dream.lean import LeanForward, unsupported
 
             if unsupported(self.model, subject.hook_name) is None:
                 self.lean = LeanForward(self.model, subject.hook_name,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import EPOConfig
+from reverie.pipeline.config import EPOConfig
 
 
 def topk_candidates(grad: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:

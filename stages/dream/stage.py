@@ -12,17 +12,17 @@ import math
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from pipeline.config import ReverieConfig
-from pipeline.errors import ConfigError, ReverieError
-from pipeline.store import Store, now
-from sae_targets.loading import Subject, check_latents
-from sae_targets.objectives import Objective, build_objective
-from sae_targets.selection import Target
-from stages.dream.attribution import token_attribution
-from stages.dream.epo import DreamJob, IterationStats, run_epo_batch
-from stages.dream.evaluator import PromptEvaluator
-from stages.dream.pareto import frontier_of
-from stages.dream.result import DreamResult
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.errors import ConfigError, ReverieError
+from reverie.pipeline.store import Store, now
+from reverie.sae_targets.loading import Subject, check_latents
+from reverie.sae_targets.objectives import Objective, build_objective
+from reverie.sae_targets.selection import Target
+from reverie.stages.dream.attribution import token_attribution
+from reverie.stages.dream.epo import DreamJob, IterationStats, run_epo_batch
+from reverie.stages.dream.evaluator import PromptEvaluator
+from reverie.stages.dream.pareto import frontier_of
+from reverie.stages.dream.result import DreamResult
 
 
 def objective_scales(subject: Subject, objectives: Sequence[Objective], mode: str, n_tokens: int, n_prompts: int = 1024,
@@ -46,7 +46,7 @@ def objective_scales(subject: Subject, objectives: Sequence[Objective], mode: st
     Raises:
         ConfigError: unknown mode, or 'dataset_max' without a scan maximum for a latent.
     """
-    from sae_targets.baseline import BASELINE_SEED, baselines, random_prompts
+    from reverie.sae_targets.baseline import BASELINE_SEED, baselines, random_prompts
 
     if mode == "raw":
         return [(o, 1.0) for o in objectives]
@@ -288,7 +288,7 @@ def run_dream_stage(cfg: ReverieConfig, subject: Subject, store: Store, run_id: 
     """
     from tqdm.auto import tqdm
 
-    from pipeline.signals import check_interrupt
+    from reverie.pipeline.signals import check_interrupt
 
     n_jobs = len(targets) * len(cfg.dream.seeds)
     with tqdm(total=cfg.dream.iterations, desc=f"dream {len(targets)} target(s) × {len(cfg.dream.seeds)} seed(s)", unit="it", leave=True) as bar:

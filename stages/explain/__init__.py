@@ -4,6 +4,6 @@ by detection against held-out examples (see :mod:`stages.explain.stage`).
 Entry points: :func:`explain_available`, :func:`run_explain` (and the ``reverie explain`` command).
 """
 
-from stages.explain.stage import ExplainSummary, explain_available, run_explain
+from reverie.stages.explain.stage import ExplainSummary, explain_available, run_explain
 
 __all__ = ["ExplainSummary", "explain_available", "run_explain"]

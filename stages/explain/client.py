@@ -34,8 +34,8 @@ import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tenacity.wait import wait_base
 
-from pipeline.config import ExplainConfig
-from pipeline.store import Store, now
+from reverie.pipeline.config import ExplainConfig
+from reverie.pipeline.store import Store, now
 
 log = logging.getLogger("reverie.explain")
 

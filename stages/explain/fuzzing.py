@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from stages.explain.inputs import HeldOut
+from reverie.stages.explain.inputs import HeldOut
 
 FUZZ_SYSTEM = (
     "You are studying latents (features) of a sparse autoencoder trained on a language model. You will get an "
@@ -34,7 +34,7 @@ FUZZ_SYSTEM = (
 def marked_text(tokens: Sequence[str], marks: Sequence[bool]) -> str:
     """The example's text with each marked token wrapped in ``<<`` ``>>`` (consecutive marked tokens
     share one pair); tokens are display pieces, read back with :func:`sae_targets.tokens.from_display`."""
-    from sae_targets.tokens import from_display
+    from reverie.sae_targets.tokens import from_display
 
     out, open_ = [], False
     for t, m in zip(tokens, marks):
@@ -70,7 +70,7 @@ def fuzz_items(held: Sequence[HeldOut], seed: int) -> list[tuple[str, bool]]:
 
 def fuzz_messages(explanation: str, texts: Sequence[str]) -> list[dict[str, str]]:
     """Chat messages asking the scorer whether each example's marks match the explanation."""
-    from stages.explain.prompts import escape_token
+    from reverie.stages.explain.prompts import escape_token
 
     lines = "\n".join(f"Example {i}: {escape_token(t)}" for i, t in enumerate(texts, 1))
     user = f"Explanation: {explanation}\n\nExamples:\n{lines}\n\nAnswer with exactly {len(texts)} labels."

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pipeline.store import Store
+from reverie.pipeline.store import Store
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Example:
     def text(self) -> str:
         """The text the tokens stand for: display pieces joined and read back
         (:func:`sae_targets.tokens.from_display`), so ``\\n`` is a newline again."""
-        from sae_targets.tokens import from_display
+        from reverie.sae_targets.tokens import from_display
 
         return from_display("".join(self.tokens))
 

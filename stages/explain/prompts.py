@@ -21,7 +21,7 @@ import math
 import re
 from typing import Sequence
 
-from stages.explain.inputs import Example
+from reverie.stages.explain.inputs import Example
 
 Message = dict[str, str]
 
@@ -105,7 +105,7 @@ def escape_token(token: str) -> str:
     """Raw text as one printable line, in the display convention of
     :func:`sae_targets.tokens.display_text` (backslash, newline, carriage return, tab and other
     control characters escaped)."""
-    from sae_targets.tokens import display_text
+    from reverie.sae_targets.tokens import display_text
 
     return display_text(token)
 
@@ -124,7 +124,7 @@ def activation_marks(acts: Sequence[float], a_max: float) -> list[int]:
 
 def format_marked(example: Example, a_max: float) -> str:
     """One example as ``<start>`` / ``token<TAB>mark`` lines / ``<end>``."""
-    from sae_targets.tokens import visible
+    from reverie.sae_targets.tokens import visible
 
     # tokens are display pieces (sae_targets.tokens): shown as they are, raw control characters escaped
     lines = [f"{visible(t)}\t{m}" for t, m in zip(example.tokens, activation_marks(example.acts, a_max))]

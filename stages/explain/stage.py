@@ -32,15 +32,15 @@ from typing import Any, Awaitable
 
 from tqdm.auto import tqdm
 
-from pipeline.config import ReverieConfig
-from pipeline.errors import ReverieError
-from pipeline.store import Store, now
-from stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
-from stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
-from stages.explain.prompts import ParseError, check_answer, detection_messages, explanation_messages, parse_explanation, parse_labels
-from stages.explain.scoring import DetectionMetrics, detection_metrics
-from stages.explain.fuzzing import fuzz_items, fuzz_messages
-from stages.explain.uncertainty import score_intervals
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import Store, now
+from reverie.stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
+from reverie.stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
+from reverie.stages.explain.prompts import ParseError, check_answer, detection_messages, explanation_messages, parse_explanation, parse_labels
+from reverie.stages.explain.scoring import DetectionMetrics, detection_metrics
+from reverie.stages.explain.fuzzing import fuzz_items, fuzz_messages
+from reverie.stages.explain.uncertainty import score_intervals
 
 log = logging.getLogger("reverie.explain")
 

@@ -3,7 +3,7 @@
 Entry points: :func:`scan_key`, :func:`run_scan` (see :mod:`stages.scan.stage`).
 """
 
-from stages.scan.stage import (
+from reverie.stages.scan.stage import (
     ScanResult,
     ScanState,
     finish_scan,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.scan.topk import priorities
+from reverie.stages.scan.topk import priorities
 
 SALT_HARD_NEGATIVE = 6
 

@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sae_targets.loading import Subject
-from sae_targets.objectives import Objective
+from reverie.sae_targets.loading import Subject
+from reverie.sae_targets.objectives import Objective
 
 #: paper §3: mean and σ of the CE of 12-token Pile slices under Pythia-12B (nats/token)
 PILE_CE_MEAN = 3.7
@@ -80,8 +80,8 @@ def evaluate_matched(subject: Subject, windows: np.ndarray | Sequence[Sequence[i
     Raises:
         ValueError: ragged windows.
     """
-    from pipeline.config import EPOConfig
-    from stages.dream.evaluator import PromptEvaluator
+    from reverie.pipeline.config import EPOConfig
+    from reverie.stages.dream.evaluator import PromptEvaluator
 
     arr = np.asarray(windows, dtype=np.int64)
     if arr.ndim != 2:

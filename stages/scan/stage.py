@@ -34,21 +34,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import ReverieConfig
-from pipeline import plaindata
-from pipeline.corpus import CorpusStats, corpus_count_columns, corpus_identity, iter_documents
-from pipeline.errors import ReverieError
-from pipeline.store import Store, now
-from sae_targets.activations import check_finite_activations, latent_activations, read_latents
-from sae_targets.contexts import Context, hook_activations, iter_contexts, pad_batch
-from sae_targets.loading import Subject, check_latents
-from sae_targets.objectives import Objective, build_objective
-from sae_targets.selection import Target
-from stages.scan.topk import AdaptiveHistogram, BottomKSample, Candidate, QuantileSampler, StreamingTopK, priorities
-from stages.scan.windows import baselines, evaluate_windows, hook_acts_of_prompts, random_prompts
-from stages.scan.search import WindowSet, ce_bands, evaluate_matched, pareto_mask, search_contexts
-from stages.scan.cofire import cooccurrence_top, update_cofiring
-from stages.features import NEIGHBOURS_K, ensure_features, neighbour_rows
+from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline import plaindata
+from reverie.pipeline.corpus import CorpusStats, corpus_count_columns, corpus_identity, iter_documents
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.store import Store, now
+from reverie.sae_targets.activations import check_finite_activations, latent_activations, read_latents
+from reverie.sae_targets.contexts import Context, hook_activations, iter_contexts, pad_batch
+from reverie.sae_targets.loading import Subject, check_latents
+from reverie.sae_targets.objectives import Objective, build_objective
+from reverie.sae_targets.selection import Target
+from reverie.stages.scan.topk import AdaptiveHistogram, BottomKSample, Candidate, QuantileSampler, StreamingTopK, priorities
+from reverie.stages.scan.windows import baselines, evaluate_windows, hook_acts_of_prompts, random_prompts
+from reverie.stages.scan.search import WindowSet, ce_bands, evaluate_matched, pareto_mask, search_contexts
+from reverie.stages.scan.cofire import cooccurrence_top, update_cofiring
+from reverie.stages.features import NEIGHBOURS_K, ensure_features, neighbour_rows
 
 log = logging.getLogger("reverie.scan")
 
@@ -339,7 +339,7 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
                      len(latents) * subject.d_sae, MAX_COOC_COUNTS)
             state.cooc_window = 0
         if s.hard_negative_samples > 0:
-            from stages.features import decoder_neighbours
+            from reverie.stages.features import decoder_neighbours
 
             state.hn_ids = decoder_neighbours(subject.sae, list(latents), s.hard_negative_neighbours)[0]
     body0 = _body0(subject)

@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sae_targets.baseline import Baseline, baselines, hook_acts_of_prompts, random_prompts  # noqa: F401 - re-exported
-from sae_targets.loading import Subject
-from sae_targets.objectives import Objective
+from reverie.sae_targets.baseline import Baseline, baselines, hook_acts_of_prompts, random_prompts  # noqa: F401 - re-exported
+from reverie.sae_targets.loading import Subject
+from reverie.sae_targets.objectives import Objective
 
 
 @dataclass
@@ -46,8 +46,8 @@ def evaluate_windows(subject: Subject, windows: Sequence[Sequence[int]], objecti
     Returns:
         :class:`WindowEval`.
     """
-    from pipeline.config import EPOConfig
-    from stages.dream.evaluator import PromptEvaluator
+    from reverie.pipeline.config import EPOConfig
+    from reverie.stages.dream.evaluator import PromptEvaluator
 
     n = len(windows)
     ce = np.full(n, np.nan)
