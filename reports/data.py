@@ -21,6 +21,7 @@ from typing import Any
 
 from reverie.pipeline.errors import ReverieError
 from reverie.pipeline.store import Store
+from reverie.reports.ledger import Cost, run_cost, target_cost
 from reverie.sae_targets.baseline import Baseline
 
 #: preference order of explanation sources for the index's one-line summary
@@ -335,6 +336,7 @@ class TargetData:
     data_windows: list[DataWindow] = field(default_factory=list)  # the searched dataset frontier of the target's objective
     explanations: list[Explanation] = field(default_factory=list)
     explain_failures: list[tuple[str, str]] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost)               # reports.ledger: seconds, candidates, LLM tokens and USD
 
     @property
     def is_combination(self) -> bool:
@@ -395,6 +397,7 @@ class RunData:
     compare_summary: CompareSummary | None
     units: list[UnitInfo]
     failures: list[tuple[str, str]] = field(default_factory=list)  # run-level explain failures (what, why)
+    cost: Cost = field(default_factory=Cost)                     # the run's total (every target + run-level units)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -645,6 +648,7 @@ def load_target(store: Store, run_id: str, target_id: str, n_top: int = 20, n_pe
         ]
     order_dreams(td)
     _explanations(rd, td, run_id)
+    td.cost = target_cost(rd.rows, run_id, target_id)
     return td
 
 
@@ -687,4 +691,6 @@ def load_run(store: Store, run_id: str, n_top: int = 20, n_per_bin: int = 2) -> 
              for u in rd.rows("units", "SELECT * FROM units WHERE run_id = ? AND target_id = '*' ORDER BY stage", [run_id])]
     failures = [(r["what"], r["why"]) for r in rd.rows(
         "explain_failures", "SELECT what, why FROM explain_failures WHERE run_id = ? AND target_id = '*' ORDER BY created_at", [run_id])]
-    return RunData(run=run, targets=targets, compare_summary=summary, units=units, failures=failures)
+    scan_id = next((t.scan.scan_id for t in targets if t.scan), None)
+    cost = run_cost(rd.rows, run_id, ids, scan_id)
+    return RunData(run=run, targets=targets, compare_summary=summary, units=units, failures=failures, cost=cost)
