@@ -30,12 +30,13 @@ def _offset(subject: Subject) -> int:
 
 
 def random_prompts(subject: Subject, n: int, length: int, seed: int = 0) -> torch.Tensor:
-    """Prompts of uniformly random allowed tokens (special tokens excluded), paper §3.5 method 1.
+    """Prompts of uniformly random allowed tokens, paper §3.5 method 1: the same ids dreams may
+    hold (:meth:`Subject.unusable_ids` excluded: special tokens, never-trained padding ids).
 
     Returns:
         int64 [n, length] token ids (no BOS), deterministic for ``seed``.
     """
-    banned = subject.special_ids()
+    banned = subject.unusable_ids()
     allowed = torch.tensor([i for i in range(subject.vocab_size) if i not in banned], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     return allowed[torch.randint(len(allowed), (n, length), generator=g)]

@@ -110,6 +110,12 @@ class Subject:
             ids.add(int(i))
         return {i for i in ids if 0 <= i < self.vocab_size}
 
+    def unusable_ids(self) -> set[int]:
+        """Ids no prompt may hold, dream or random baseline alike: :meth:`special_ids` and the
+        padding ids beyond the tokenizer (``d_vocab > len(tokenizer)``, e.g. Pythia's 50,304 vs
+        50,277), whose embeddings were never trained."""
+        return self.special_ids() | set(range(min(len(self.tokenizer), self.vocab_size), self.vocab_size))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS or any special token added."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

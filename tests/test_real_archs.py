@@ -105,3 +105,14 @@ def test_targets_scan_dream(arch, demo_cfg, tmp_path):
             assert torch.isfinite(torch.tensor([p.activation, p.ce])).all()
         write_dream(store, run_id, targets[0], result)
         assert store.fetch_one("SELECT count(*) AS n FROM dream_prompts WHERE dream_id LIKE ?", [f"{run_id}/%"])["n"] == len(result.frontier)
+
+
+def test_random_baseline_prompts_never_hold_padding_ids(arch):
+    """The random-prompt baseline draws the same ids dreams may hold: no never-trained padding id
+    (NeoX: d_vocab 50,304 > the tokenizer's ids) and no special token."""
+    from reverie.sae_targets.baseline import random_prompts
+
+    _, _, _, subject = arch
+    ids = random_prompts(subject, 512, 12, seed=0)
+    assert not (set(ids.flatten().tolist()) & subject.unusable_ids())
+    assert int(ids.max()) < len(subject.tokenizer)

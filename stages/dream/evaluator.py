@@ -109,8 +109,7 @@ def banned_ids(subject: Subject, banned_tokens: list[str]) -> set[int]:
     """
     tok = subject.tokenizer
     V = subject.vocab_size
-    out = set(subject.special_ids())
-    out.update(range(min(len(tok), V), V))
+    out = subject.unusable_ids()
     if banned_tokens:
         vocab = tok.convert_ids_to_tokens(list(range(min(len(tok), V))))
         decoded = [tok.decode([i]) for i in range(min(len(tok), V))]
