@@ -348,33 +348,27 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def dump_toml(cfg: ReverieConfig) -> str:
-    """Render the effective configuration as TOML text (None values are omitted as TOML has no null)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
+    """Render the effective configuration as TOML text with ``tomli_w`` (valid TOML for any
+    string, emoji included). TOML has no null: unset (None) fields are listed in a comment
+    above their section instead."""
+    import tomli_w
 
     out: list[str] = []
 
-    def section(name: str, d: dict[str, Any]) -> None:
-        out.append(f"[{name}]")
-        subs = []
+    def split(d: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        kept, unset = {}, []
         for k, v in d.items():
-            if isinstance(v, dict):
-                subs.append((f"{name}.{k}", v))
-            elif v is None:
-                out.append(f"# {k} = (unset)")
+            if v is None:
+                unset.append(k)
+            elif isinstance(v, dict):
+                kept[k] = split(v)[0]
             else:
-                out.append(f"{k} = {fmt(v)}")
-        out.append("")
-        for n, sd in subs:
-            section(n, sd)
+                kept[k] = v
+        return kept, unset
 
     for name, d in cfg.to_toml_dict().items():
-        section(name, d)
+        kept, unset = split(d)
+        if unset:
+            out.append(f"# [{name}] unset: {', '.join(unset)}")
+        out.append(tomli_w.dumps({name: kept}))
     return "\n".join(out)

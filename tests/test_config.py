@@ -86,8 +86,9 @@ def test_every_field_documented():
         walk(field.annotation)
 
 
-def test_dump_toml_round_trips(tmp_path):
-    cfg = load_config(DEMO_CONFIG, {"dream.iterations": 11, "targets.latents": [1, 2]})
+@pytest.mark.parametrize("prefix", ["Once upon a time", "emoji 😀 and a \"quote\" and a \\ backslash\n"])
+def test_dump_toml_round_trips(tmp_path, prefix):
+    cfg = load_config(DEMO_CONFIG, {"dream.iterations": 11, "targets.latents": [1, 2], "dream.prefix": prefix})
     p = tmp_path / "round.toml"
     p.write_text(dump_toml(cfg))
     again = load_config(p)
