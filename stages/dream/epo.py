@@ -163,7 +163,8 @@ def run_epo_batch(subject: Subject, jobs: Sequence[DreamJob], cfg: EPOConfig,
         subject: the loaded model + SAE.
         jobs: the populations (objective, seed, scale).
         cfg: EPO settings (shared by all jobs).
-        progress: called after every iteration with :class:`IterationStats` (of the batch).
+        progress: called with :class:`IterationStats` (of the batch) whenever the frontiers merge:
+            every min(history_every, 10) iterations, or every iteration with early stopping.
         should_stop: called once per iteration; may raise to interrupt (e.g. on SIGINT).
     Returns:
         One :class:`DreamResult` per job, in order; ``wall_s`` / ``timing`` are each job's share.
