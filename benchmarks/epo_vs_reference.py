@@ -21,6 +21,7 @@ never copied. Output: candidates/s per arm and pair, ratio reverie/dreamy (min /
 ``uptime`` before and after.
 
     .venv/bin/python benchmarks/epo_vs_reference.py [--pairs 3] [--demo-iters 40] [--gpt2-iters 3] [--threads 1 2] [--skip-gpt2]
+        [--device cuda] [--bf16]
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ def run_reverie(subject: Subject, objectives: list[Objective], iters: int, seed:
     return sum(r.n_candidates for r in res) / len(objectives) / wall
 
 
-def gpt2_shaped() -> tuple[Subject, Objective]:
+def gpt2_shaped(device: str = "cpu") -> tuple[Subject, Objective]:
     """The GPT-2-small-shaped random model and the projection on a random unit direction at
     blocks.6.hook_resid_pre (a random StandardSAE's decoder row)."""
-    subj = gpt2_shaped_subject(d_sae=16)
+    subj = gpt2_shaped_subject(d_sae=16, device=device)
     return subj, Objective(sae=subj.sae, latents=[3], quantity="projection")
 
 
@@ -169,21 +170,25 @@ def main() -> None:
     ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--kv-buckets", type=int, default=None, help="override dream.kv_buckets for reverie")
     ap.add_argument("--no-prefix-cache", action="store_true")
+    ap.add_argument("--device", default="cpu", help="torch device of both arms' model (e.g. cuda)")
+    ap.add_argument("--bf16", action="store_true", help="reverie searches with bf16 matrix products (dream.search_dtype)")
     args = ap.parse_args()
     rcfg: dict = {}
     if args.kv_buckets is not None:
         rcfg["kv_buckets"] = args.kv_buckets
     if args.no_prefix_cache:
         rcfg["prefix_cache"] = False
+    if args.bf16:
+        rcfg["search_dtype"] = "bfloat16"
     print(f"start: {uptime()}  torch {torch.__version__}, {os.cpu_count()} CPUs, reverie settings {rcfg or 'defaults'}")
     dreamy = load_dreamy()
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml", {"model.device": args.device})
     demo = load_subject(cfg.model, cfg.sae)
     obj = Objective(sae=demo.sae, latents=[DEMO_LATENTS[5]])
     compare("(a) demo TinyStories-656K, jumprelu-2048 latent 1039 pre-activation @ blocks.1.hook_resid_pre", dreamy, demo, obj,
             args.demo_iters, args.pairs, args.threads, rcfg)
     if not args.skip_gpt2:
-        g_subj, g_obj = gpt2_shaped()
+        g_subj, g_obj = gpt2_shaped(args.device)
         compare("(b) GPT-2-small-shaped random model, random direction @ blocks.6.hook_resid_pre", dreamy, g_subj, g_obj,
                 args.gpt2_iters, args.pairs, args.threads, rcfg)
     print(f"\n== (c) batched reverie EPO over 8 demo latents {DEMO_LATENTS}: per-latent cand/s vs dreamy single-latent, "
