@@ -252,6 +252,9 @@ class RunConfig(Section):
     ray_num_gpus_per_task: float = Field(0.0, ge=0, description="Ray: GPUs per dream task (e.g. 1).")
     run_id: str | None = Field(None, description="Run id (default: 'nightly-<date>'); rerunning the same id resumes it.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op CPU threads of the driver and each worker (None = torch's default). Tiny models run fastest with 1.")
+    budget_s: float | None = Field(None, gt=0, description="Wall budget of a nightly in seconds: after the first pass, the time left goes to extra EPO seeds for targets whose best dream lost to the dataset or whose frontier still improved in its last 20% of iterations (pipeline/allocation.py); None = no extra seeds.")
+    improving_min: float = Field(0.01, ge=0, description="With budget_s: a frontier whose best activation rose by more than this fraction over its last 20% of iterations counts as still improving.")
+    max_extra_seeds: int = Field(2, ge=0, description="With budget_s: extra seeds per target at most.")
     reuse_dreams: bool = Field(True, description="A target already dreamed by an earlier run with the same model/SAE/objective/EPO fingerprint gets those dream rows instead of a new EPO run (false: always dream).")
 
     @field_validator("run_id")

@@ -231,6 +231,57 @@ def _dataset_max(store: Store, scan_id: str | None) -> dict[int, float]:
             for r in rows if (r.get("window_max") is not None or r.get("max_act") is not None)}
 
 
+def _extra_seeds(cfg: ReverieConfig, subject: Subject, store: Store, run_id: str, targets: list[Target], scan_id: str,
+                 t0: float) -> int:
+    """Spend what is left of ``run.budget_s`` on extra EPO seeds, most in need first
+    (:func:`reverie.pipeline.allocation.plan_extra_seeds`); a unit starts only if the time used
+    plus the longest dream unit so far fits the budget, so the run ends within the budget plus
+    one unit. Every planned unit is recorded in ``extra_seeds`` with its reason. Runs once per
+    run id (a resume does not plan again).
+
+    Returns:
+        How many extra seeds ran.
+    """
+    from reverie.pipeline.allocation import plan_extra_seeds, record
+    from reverie.pipeline.executors import dream_unit
+    from reverie.pipeline.signals import check_interrupt
+    from reverie.stages.dream import write_dream
+
+    if store.fetch_one("SELECT 1 AS x FROM extra_seeds WHERE run_id = ? LIMIT 1", [run_id]):
+        return 0
+    budget = float(cfg.run.budget_s)
+    plan, skipped = plan_extra_seeds(store, run_id, [t.target_id for t in targets], cfg.run.improving_min, cfg.run.max_extra_seeds)
+    with store.transaction():
+        for tid, why in skipped:
+            record(store, run_id, None, tid, "skipped", why)
+    walls = [float(r["wall_s"] or 0.0) for r in store.fetch("SELECT wall_s FROM units WHERE run_id = ? AND stage = 'dream' AND status = 'done'", [run_id])]
+    unit_s = max(walls) if walls else 0.0
+    by_id = {t.target_id: t for t in targets}
+    dmax = _dataset_max(store, scan_id)
+    ran = 0
+    for e in plan:
+        check_interrupt()
+        used = time.time() - t0
+        if used + unit_s > budget:
+            record(store, run_id, e, e.target_id, "budget", f"{e.reason}; no time left ({used:.0f} s of {budget:.0f} s used)")
+            continue
+        ecfg = cfg.model_copy(update={"dream": cfg.dream.model_copy(update={"seeds": [e.seed]})})
+        t1 = time.perf_counter()
+        res = dream_unit(ecfg, subject, [by_id[e.target_id]], dmax)[0]
+        wall = time.perf_counter() - t1
+        if isinstance(res, Exception):
+            record(store, run_id, e, e.target_id, "failed", f"{e.reason}; {type(res).__name__}: {res}", wall)
+            continue
+        with store.transaction():
+            for r in res:
+                write_dream(store, run_id, by_id[e.target_id], r)
+            record(store, run_id, e, e.target_id, "done", e.reason, wall)
+        log.info("extra seed %d for %s (%s): %.1f s", e.seed, e.target_id, e.reason, wall)
+        unit_s = max(unit_s, wall)
+        ran += 1
+    return ran
+
+
 def _stored_targets(store: Store, run_id: str) -> list[Target]:
     rows = store.fetch("SELECT latents, combine, log10_density FROM targets WHERE run_id = ? ORDER BY len(latents), target_id", [run_id])
     return [Target(latents=list(r["latents"]), combine=r["combine"], log10_density=list(r["log10_density"] or [])) for r in rows]
@@ -389,6 +440,12 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             from reverie.stages.compare import run_compare
 
             ok, rows = ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))
+        # extra seeds inside the wall budget (issue 15 §3), then compare again --------------
+        if scan_id and cfg.run.budget_s and cfg.run.max_extra_seeds > 0 and targets:
+            if _extra_seeds(cfg, subject, store, run_id, targets, scan_id, t0):
+                from reverie.stages.compare import run_compare
+
+                ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))
         s = store.fetch_one("SELECT frac_beats, frac_beats_in_dist, n_dominates, n_dominance_known FROM compare_summary WHERE run_id = ?", [run_id])
         if s:
             summary.frac_beats, summary.frac_beats_in_dist = s["frac_beats"], s["frac_beats_in_dist"]

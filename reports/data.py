@@ -337,6 +337,15 @@ class TargetData:
     explanations: list[Explanation] = field(default_factory=list)
     explain_failures: list[tuple[str, str]] = field(default_factory=list)
     cost: Cost = field(default_factory=Cost)               # reports.ledger: seconds, candidates, LLM tokens and USD
+    extra_seeds: list[tuple[int | None, str, str]] = field(default_factory=list)  # (seed, status, reason) of the budget allocation
+
+    @property
+    def seed_spread(self) -> tuple[int, float, float] | None:
+        """(seeds, lowest and highest best activation over them) of the merged frontier; None without dreams."""
+        best: dict[int, float] = {}
+        for p in self.prompts:
+            best[p.seed] = max(best.get(p.seed, float("-inf")), p.activation)
+        return (len(best), min(best.values()), max(best.values())) if best else None
 
     @property
     def is_combination(self) -> bool:
@@ -649,6 +658,8 @@ def load_target(store: Store, run_id: str, target_id: str, n_top: int = 20, n_pe
     order_dreams(td)
     _explanations(rd, td, run_id)
     td.cost = target_cost(rd.rows, run_id, target_id)
+    td.extra_seeds = [(r["seed"], r["status"], r["reason"]) for r in rd.rows(
+        "extra_seeds", "SELECT seed, status, reason FROM extra_seeds WHERE run_id = ? AND target_id = ? ORDER BY created_at", [run_id, target_id])]
     return td
 
 
