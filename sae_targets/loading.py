@@ -603,6 +603,9 @@ def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
     """
     sae, sae_key, density = load_sae(sae_cfg, model_cfg.device)  # first: its metadata says how to load the model
     model_kwargs = sae_model_kwargs(sae)
+    if model_kwargs:
+        log.info("loading the model with the SAE's model_from_pretrained_kwargs %s: sae-lens's warning about them is "
+                 "shown on purpose, and these are the kwargs it asks for", model_kwargs)
     model, tok, model_key = load_model(model_cfg, no_prefix_space=model_cfg.tokenizer_no_prefix_space, model_kwargs=model_kwargs)
     sae.requires_grad_(False)
     sae.eval()
