@@ -22,7 +22,7 @@ from typing import Any
 from reverie.pipeline.errors import ReverieError
 from reverie.pipeline.store import Store
 from reverie.reports.ledger import Cost, run_cost, target_cost
-from reverie.sae_targets.baseline import Baseline
+from reverie.sae_targets.spec import Baseline
 
 #: preference order of explanation sources for the index's one-line summary
 EXPLANATION_PREFERENCE = ("both", "dataset", "dreams")

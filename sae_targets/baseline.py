@@ -7,7 +7,6 @@ dreams and dataset windows), and the dream stage reads σ_random as the objectiv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from reverie.sae_targets.contexts import hook_activations
 from reverie.sae_targets.loading import Subject
 from reverie.sae_targets.objectives import Objective
+from reverie.sae_targets.spec import Baseline  # noqa: F401 - defined torch-free, re-exported
 
 
 BASELINE_SEED = 0   # seed of the random prompts every baseline uses (scan and objective scales)
@@ -40,18 +40,6 @@ def random_prompts(subject: Subject, n: int, length: int, seed: int = 0) -> torc
     allowed = torch.tensor([i for i in range(subject.vocab_size) if i not in banned], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     return allowed[torch.randint(len(allowed), (n, length), generator=g)]
-
-
-@dataclass
-class Baseline:
-    """Random-prompt statistics of one objective (paper §3.5, eq. 5: z = (a − μ) / σ)."""
-
-    objective_key: str
-    n: int
-    length: int
-    mean: float
-    std: float
-    max: float
 
 
 def hook_acts_of_prompts(subject: Subject, prompts: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 from reverie.pipeline.config import TargetsConfig
 from reverie.sae_targets.activations import Quantity, read_latents
 from reverie.sae_targets.selection import Target
+from reverie.sae_targets.spec import objective_key
 
 def combine_latents(a: torch.Tensor, combine: str | None, p: float = 0.1, offset: float = 1.0) -> torch.Tensor:
     """Combine per-latent values into one objective value.
@@ -87,10 +88,8 @@ class Objective:
     @property
     def key(self) -> str:
         """Stable identity, e.g. 'pre:last:123' or 'lp(p=0.1,offset=1.0):pre:last:12+345' (baseline key)."""
-        ids = "+".join(str(i) for i in self.latents)
-        tag = f",scale={self.scale_tag}" if (self.scales is not None and self.scale_tag) else ""
-        head = "" if self.combine is None else (f"lp(p={self.p},offset={self.offset}{tag}):" if self.combine == "lp" else f"{self.combine}{tag}:")
-        return f"{head}{self.quantity}:{self.reduce}:{ids}"
+        return objective_key(self.latents, self.quantity, self.reduce, self.combine, self.p, self.offset,
+                             self.scale_tag if self.scales is not None else None)
 
     def describe(self) -> str:
         """Human-readable, e.g. 'pre-activation of latent 123 at the last token'."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,30 +14,7 @@ from reverie.pipeline.errors import TargetError
 from reverie.sae_targets.activations import latent_activations
 from reverie.sae_targets.contexts import hook_activations, iter_contexts, pad_batch
 from reverie.sae_targets.loading import Subject, check_latents
-
-
-@dataclass
-class Target:
-    """One thing to explain: a single latent, or several latents combined into one objective.
-
-    Attributes:
-        latents: latent ids (one for a single latent).
-        combine: None for one latent; 'lp' | 'sum' | 'min' for a combination.
-        log10_density: log10 firing frequency per latent (None where unknown).
-    """
-
-    latents: list[int]
-    combine: str | None = None
-    log10_density: list[float | None] = field(default_factory=list)
-
-    @property
-    def target_id(self) -> str:
-        """'123' for one latent, '12+345' for a combination."""
-        return "+".join(str(i) for i in self.latents)
-
-    @property
-    def is_combination(self) -> bool:
-        return len(self.latents) > 1
+from reverie.sae_targets.spec import Target  # noqa: F401 - defined torch-free, re-exported
 
 
 def default_seed() -> int:

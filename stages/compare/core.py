@@ -1,30 +1,9 @@
-"""The compare stage: dreams vs. max-activating dataset windows, per target and per batch.
+"""The compare stage's verdicts: pure functions of plain rows (no store, no torch).
 
-The primary verdict is *dominance* on the activation–CE plane, as in Thompson et al. 2024,
-Fig. 3 (§3.3): a dream dominates a dataset window when its activation is higher and its CE is
-not higher, both being windows of the same length (the dream's) fed alone after BOS. Per target:
-
-* the dataset's best window: the highest activation among the scan's searched matched-length
-  windows (every full-length window of the top contexts, ``scan_windows``), with its CE;
-* the headline: the best dream activation at CE ≤ that window's CE, next to its activation;
-  ``dominates`` is TRUE when that dream's activation is higher;
-* the fraction of the dataset's own Pareto frontier that some dream dominates;
-* secondary columns: the best of each side at CE ≤ ``compare.ce_limit`` (a corpus band by
-  default, the 10th percentile) and at CE ≤ the corpus mean + 2σ ("in distribution");
-  z-scores (eq. 5); frontier prompts above the dataset max; attribution overlap.
-
-States that cannot be decided are NULL, never TRUE: no dreams, no dataset windows, and, for the
-mean + 2σ column, "no dream in distribution" and "no dataset window under the threshold";
-``verdict`` / ``in_dist_state`` say which in words. Only dreams of the scan's window length are
-compared (others are counted and noted).
-
-CE convention (``compare.ce_convention``, stored per row): 'rest' = mean over tokens 2..n (the
-first token unscored, dreamy's convention), 'all' = over all n tokens after BOS. Both are shown;
-'rest' falls back to 'all' when the dreams have no stored ``ce_rest``.
-
-Combinations (``combine`` not NULL): the combined objective is compared as a curiosity only;
-the page compares each member latent's own activation with that member's own dataset max, and
-batch statistics use single-latent targets only.
+:func:`compare_target` turns one target's :class:`TargetInputs` into one ``comparisons`` row
+(dominance on the activation–CE plane, Thompson et al. 2024 Fig. 3 / §3.3; the secondary CE-limit
+and mean + 2σ columns; z-scores, eq. 5); :func:`summarize` gives the batch line. The module
+docstring of :mod:`stages.compare` states the definitions.
 """
 
 from __future__ import annotations
@@ -34,11 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from reverie.pipeline.config import CompareConfig, ReverieConfig
-from reverie.pipeline.errors import ReverieError
-from reverie.pipeline.store import Store
-from reverie.sae_targets.objectives import build_objective
-from reverie.sae_targets.selection import Target
+from reverie.pipeline.config import CompareConfig
 
 DREAM_FIELDS = ("dream_max", "dream_best_ce_limit", "dream_best_in_dist", "dream_z", "n_beating", "attribution_overlap")
 #: dominance verdict states (``comparisons.verdict``)
@@ -395,169 +370,3 @@ def summarize(rows: Sequence[dict[str, Any]], scan: dict[str, Any]) -> dict[str,
             "n_dominance_known": len(known), "n_dominates": sum(bool(r["dominates"]) for r in known), "frac_dominates": frac("dominates"),
             "ce_convention": conv, "ce_mean": bands["mean"], "ce_std": bands["std"], "in_dist_threshold": bands["in_dist"],
             "ce_p10": bands["p10"], "ce_p50": bands["p50"]}
-
-
-# ----------------------------------------------------------------------------- reads
-
-
-def _columns(store: Store, table: str) -> set[str]:
-    return {r["column_name"] for r in store.fetch("SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table])}
-
-
-def load_inputs(cfg: ReverieConfig, store: Store, run_id: str, scan_id: str) -> tuple[dict[str, Any], list[TargetInputs]]:
-    """Read a run's targets, dreams (all seeds), attributions and the scan's matched-length windows.
-
-    Dataset side: the scan's searched frontier (``scan_windows``) for the target's objective, else
-    (older scans) the top examples' windows that have exactly the scan's window length. Dream side:
-    prompts whose length equals the scan's window length; ``ce_rest`` when ``dream_prompts`` has it.
-
-    Returns:
-        ``(scan row, inputs per target in target-id order)``.
-    Raises:
-        ReverieError: unknown run (no targets) or scan, or a scan that is not finished.
-    """
-    scan = store.fetch_one("SELECT * FROM scans WHERE scan_id = ?", [scan_id])
-    if scan is None:
-        raise ReverieError(f"no scan {scan_id!r} in {store.path}; run `reverie scan` first")
-    if scan["status"] != "done":
-        raise ReverieError(f"scan {scan_id} is not finished (status {scan['status']}); rerun `reverie scan` to resume it")
-    targets = store.fetch("SELECT target_id, latents, combine FROM targets WHERE run_id = ? ORDER BY len(latents), latents", [run_id])
-    if not targets:
-        raise ReverieError(f"run {run_id!r} has no targets in {store.path}; check the run id (`reverie compare --run ...`)")
-    n = scan.get("window_len")
-    rest = "p.ce_rest" if "ce_rest" in _columns(store, "dream_prompts") else "NULL"
-    dreams = store.fetch(
-        f"SELECT r.target_id, r.seed, p.dream_id, p.idx, p.activation, p.ce, {rest} AS ce_rest, p.text, p.latent_acts, "
-        "len(p.token_ids) AS n_tokens FROM dream_prompts p "
-        "JOIN dream_runs r USING (dream_id) WHERE r.run_id = ? ORDER BY r.target_id, r.seed, p.idx", [run_id])
-    attrs = store.fetch(
-        "SELECT r.target_id, a.dream_id, a.idx, a.position, a.token, a.drop_best, a.drop_worst FROM dream_attributions a "
-        "JOIN dream_runs r USING (dream_id) WHERE r.run_id = ?", [run_id])
-    base = {r["objective_key"]: r for r in store.fetch("SELECT objective_key, n, mean, std, max FROM baselines WHERE scan_id = ?", [scan_id])}
-    lat_rows = {int(r["latent"]): r for r in store.fetch("SELECT * FROM scan_latents WHERE scan_id = ?", [scan_id])}
-    has_windows = "scan_windows" in store.tables()
-    scanned = set(int(i) for i in scan["latents"])
-    out = []
-    for t in targets:
-        target = Target(latents=[int(i) for i in t["latents"]], combine=t["combine"])
-        key = build_objective(None, target, cfg.targets).key
-        inp = TargetInputs(target_id=t["target_id"], latents=list(target.latents), combine=target.combine, objective_key=key,
-                           baseline=base.get(key))
-        mine = [d for d in dreams if d["target_id"] == t["target_id"]]
-        inp.dreams = [d for d in mine if n is None or int(d["n_tokens"]) == int(n)]
-        inp.n_unmatched_dreams = len(mine) - len(inp.dreams)
-        inp.n_seeds = len({d["seed"] for d in inp.dreams})
-        inp.attributions = [a for a in attrs if a["target_id"] == t["target_id"]]
-        missing = [i for i in target.latents if i not in scanned]
-        if missing:
-            inp.notes.append(f"latents {missing} are not in scan {scan_id}")
-        inp.members = [{"latent": i, "window_max": lat_rows.get(i, {}).get("window_max"), "max_act": lat_rows.get(i, {}).get("max_act")}
-                       for i in target.latents]
-        if not target.is_combination:
-            inp.data_max_in_context = lat_rows.get(target.latents[0], {}).get("max_act")
-        inp.data = store.fetch("SELECT window_act, window_ce, window_ce_rest, tokens, context_idx, end_pos FROM scan_windows "
-                               "WHERE scan_id = ? AND objective_key = ? ORDER BY rank", [scan_id, key]) if has_windows else []
-        if inp.data:
-            inp.data_source = ("every full-length window (the dream's length) of the top contexts, fed alone after BOS "
-                               "(searched Pareto frontier)" + (" of the combined objective" if target.is_combination else ""))
-        elif target.is_combination:
-            inp.data = store.fetch("SELECT window_act, window_ce, window_ce_rest FROM scan_objective_examples WHERE scan_id = ? "
-                                   "AND objective_key = ? AND len(window_ids) = ?", [scan_id, key, n])
-            inp.data_source = "combination objective on the full-length windows ending at its latents' top examples' max tokens"
-        else:
-            inp.data = store.fetch("SELECT window_act, window_ce, window_ce_rest FROM scan_examples WHERE scan_id = ? AND latent = ? "
-                                   "AND kind = 'top' AND len(window_ids) = ? AND window_ce IS NOT NULL", [scan_id, target.latents[0], n])
-            inp.data_source = "full-length windows ending at the latent's top examples' max tokens, fed alone after BOS (scan without window search)"
-        tok_rows = store.fetch("SELECT tokens, max_pos FROM scan_examples WHERE scan_id = ? AND kind = 'top' AND list_contains(?, latent)",
-                               [scan_id, list(target.latents)])
-        inp.data_max_tokens = [r["tokens"][r["max_pos"]] for r in tok_rows]
-        if inp.baseline is None:
-            inp.notes.append(f"no random-prompt baseline for objective {key} in scan {scan_id}; z-scores undefined (rerun `reverie scan` for these targets)")
-        out.append(inp)
-    return scan, out
-
-
-def latest_run_with_dreams(store: Store) -> str | None:
-    """The most recently started run that has dream rows, or None."""
-    row = store.fetch_one("SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM dream_runs d WHERE d.run_id = r.run_id) "
-                          "ORDER BY r.started_at DESC LIMIT 1")
-    return row["run_id"] if row else None
-
-
-def scan_for_run(store: Store, run_id: str) -> str | None:
-    """The newest finished scan of the run's SAE whose latents cover all of the run's target latents."""
-    targets = store.fetch("SELECT latents, sae_key, hook_name FROM targets WHERE run_id = ?", [run_id])
-    if not targets:
-        return None
-    need = {int(i) for t in targets for i in t["latents"]}
-    for s in store.fetch("SELECT scan_id, latents FROM scans WHERE status = 'done' AND sae_key = ? AND hook_name = ? ORDER BY updated_at DESC",
-                         [targets[0]["sae_key"], targets[0]["hook_name"]]):
-        if need <= {int(i) for i in s["latents"]}:
-            return s["scan_id"]
-    return None
-
-
-# ----------------------------------------------------------------------------- writes
-
-
-def write_compare(store: Store, run_id: str, scan_id: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """Replace the run's ``comparisons`` and ``compare_summary`` rows in one transaction (idempotent)."""
-    with store.transaction():
-        store.replace("comparisons", {"run_id": run_id}, [{"run_id": run_id, "scan_id": scan_id, **r} for r in rows])
-        store.replace("compare_summary", {"run_id": run_id}, [{"run_id": run_id, **summary}])
-
-
-def run_compare(cfg: ReverieConfig, store: Store, run_id: str, scan_id: str) -> list[dict[str, Any]]:
-    """Compare a run's dreams with a scan's dataset examples and store the results.
-
-    Returns:
-        The per-target ``comparisons`` rows (dicts, ``metrics_json`` as text): single latents first, by latent id.
-    Raises:
-        ReverieError: unknown run or scan, or an unfinished scan.
-    """
-    scan, inputs = load_inputs(cfg, store, run_id, scan_id)
-    rows = [compare_target(inp, cfg.compare, scan) for inp in inputs]
-    summary = summarize(rows, scan)
-    write_compare(store, run_id, scan_id, rows, summary)
-    return [{"run_id": run_id, "scan_id": scan_id, **r} for r in rows]
-
-
-def _f(v: Any, spec: str = ".3g") -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return format(v, spec)
-
-
-def format_table(rows: Sequence[dict[str, Any]], summary: dict[str, Any] | None, ce_limit: float | str | None = None) -> str:
-    """The comparison table as plain text: the dominance headline first, then secondary columns.
-
-    One line per target: the dataset's best matched-length window (activation, CE, perplexity),
-    the best dream at CE ≤ that CE, whether a dream dominates it, the dominated fraction of the
-    dataset frontier, then the maxima and the mean + 2σ column. Combinations are listed apart
-    and left out of the batch line. Numbers to 3 significant digits; CE in nats/token.
-    """
-    summary = summary or {}
-    head = (f"{'target':>10} {'CE':>4} {'data best':>9} {'at CE':>6} {'(ppl)':>7} {'dream@CE':>8} {'dominates':>9} {'front.dom':>9} "
-            f"{'dream max':>9} {'data max':>8} {'in ctx':>7} {'dream≤thr':>9} {'data≤thr':>8}  in-distribution state")
-    lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: bool(r.get("is_combination"))):
-        m = json.loads(r.get("metrics_json") or "{}")
-        lines.append(
-            f"{r['target_id']:>10} {r.get('ce_convention') or '—':>4} {_f(r.get('data_best_act')):>9} {_f(r.get('data_best_ce')):>6} "
-            f"{_f(m.get('data_best_ce_perplexity'), '.0f'):>7} {_f(r.get('dream_at_data_ce')):>8} {_f(r.get('dominates')):>9} "
-            f"{_f(r.get('frontier_dominated'), '.0%'):>9} {_f(r['dream_max']):>9} {_f(r['data_max']):>8} {_f(r.get('data_max_in_context')):>7} "
-            f"{_f(r['dream_best_in_dist']):>9} {_f(r['data_best_in_dist']):>8}  {r.get('in_dist_state') or '—'}"
-            + ("   [combination: combined value, not in the batch line]" if r.get("is_combination") else ""))
-    conv = summary.get("ce_convention")
-    conv_txt = {"rest": "CE without the first token", "all": "CE over all n tokens after BOS"}.get(conv, f"CE convention {conv}")
-    lines.append("")
-    lines.append(f"verdict on {conv_txt} (nats/token); windows and dreams of the same length, fed alone after BOS.")
-    lines.append(f"a dream dominates the dataset's best window on {_f(summary.get('n_dominates'), 'd')} of "
-                 f"{_f(summary.get('n_dominance_known'), 'd')} single latents ({_f(summary.get('frac_dominates'), '.0%')}); "
-                 f"dream max > dataset max on {_f(summary.get('frac_beats'), '.0%')}; at CE ≤ mean + 2σ "
-                 f"({_f(summary.get('in_dist_threshold'))}) on {_f(summary.get('frac_beats_in_dist'), '.0%')} of those where both sides have a window there.")
-    lines.append(f"corpus window CE: 10th percentile {_f(summary.get('ce_p10'))}, median {_f(summary.get('ce_p50'))}, "
-                 f"mean {_f(summary.get('ce_mean'))} ± {_f(summary.get('ce_std'))} nats/token")
-    return "\n".join(lines)
