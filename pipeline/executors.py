@@ -97,9 +97,8 @@ class _DreamWorker:
 
     def __init__(self, cfg_json: dict):
         import os
-        import warnings
 
-        warnings.filterwarnings("ignore")
+        # no blanket warning filter: load_subject hides only its named, understood warnings
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from reverie.pipeline.config import ReverieConfig
         from reverie.sae_targets.loading import load_subject

@@ -203,21 +203,34 @@ def test_missing_dirs(tmp_path):
 
 
 def test_hub_unreachable_without_offline_flag_fails_fast(monkeypatch):
-    """No HF_HUB_OFFLINE, no network: a TCP probe fails within seconds instead of retrying."""
-    from reverie.pipeline.hub import check_hub_reachable
+    """Offline mode off, the configured endpoint (HF_ENDPOINT, here a closed local port) unreachable:
+    the probe fails within seconds, naming the endpoint and the fix, instead of retrying."""
+    import huggingface_hub.constants as hf_constants
 
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    try:
-        check_hub_reachable("a probe", "")
-        pytest.skip("the hub is reachable from this machine")
-    except OfflineError:
-        pass
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
     cfg = load_config(DEMO_CONFIG, {"model.path": "", "model.name": "gpt2-small"})
     t = time.time()
-    with pytest.raises(OfflineError, match="cannot reach the Hugging Face hub"):
+    with pytest.raises(OfflineError, match=r"cannot reach the Hugging Face hub at http://127\.0\.0\.1:9") as e:
         load_model(cfg.model)
     assert time.time() - t < 10
+    assert "model.path" in str(e.value) and "HF_ENDPOINT" in str(e.value)
+
+
+def test_hub_offline_mode_comes_from_huggingface_hub(monkeypatch):
+    """hub_offline / hub_endpoint read huggingface_hub's settings; offline, nothing is probed."""
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+
+    from reverie.pipeline import hub
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: pytest.fail("probed the hub in offline mode"))
+    assert hub.hub_offline()
+    hub.check_hub_reachable("a probe", "")  # returns at once
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "https://mirror.example/")
+    assert not hub.hub_offline() and hub.hub_endpoint() == "https://mirror.example"
 
 
 def test_hook_activations_stop_early_equals_hooked_full_forward(subject, heldout_texts):
