@@ -44,6 +44,7 @@ class ModelConfig(Section):
     device: str = Field("cpu", description="torch device for the subject model and SAE: 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype of the subject model.")
     tokenizer_no_prefix_space: bool = Field(True, description="Replace a SentencePiece-style normalizer that prepends '▁' by Replace(' ', '▁'): right for models trained without the dummy prefix, such as the demo model. Set false for Llama-2-style tokenizers.")
+    backend: Literal["hooked", "bridge"] = Field("hooked", description="How transformer_lens runs the model: 'hooked' = HookedTransformer (weights converted to transformer_lens's layout; deprecated in transformer_lens 3, removed in 4); 'bridge' = TransformerBridge in compatibility mode (the Hugging Face model itself behind the same hook names). Same numbers within 1e-4 (tested); part of the scan key and the dream fingerprint.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

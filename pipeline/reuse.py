@@ -38,12 +38,15 @@ def dream_fingerprint(cfg: ReverieConfig, subject: "Subject", target: "Target") 
     """sha256 (16 hex characters) of everything that decides a target's dreams.
 
     Args:
-        cfg: the configuration ([model], [sae], [dream] and the objective fields of [targets]).
+        cfg: the configuration ([model] — ``backend`` included unless 'hooked' —, [sae], [dream] and
+            the objective fields of [targets]).
         subject: the loaded model + SAE (keys, hook, content hashes when known).
         target: the target (latents and combination).
     """
     data = cfg.to_toml_dict()
     model = {k: v for k, v in data["model"].items() if k != "device"}  # the device does not change what EPO optimizes
+    if model.get("backend") == "hooked":   # the default backend keeps the fingerprints from before model.backend existed
+        del model["backend"]
     blob = {
         "model": model, "sae": data["sae"], "dream": data["dream"],
         "objective": {k: data["targets"].get(k) for k in OBJECTIVE_FIELDS},

@@ -36,7 +36,8 @@ class Subject:
     """A loaded subject model and SAE, checked to fit each other.
 
     Attributes:
-        model: transformer_lens ``HookedTransformer`` in eval mode, gradients off for weights.
+        model: transformer_lens ``HookedTransformer``, or ``TransformerBridge`` in compatibility mode
+            (``model.backend = "bridge"``), in eval mode, gradients off for weights.
         tokenizer: the model's Hugging Face tokenizer (right padding).
         sae: sae-lens ``SAE`` on the model's device.
         hook_name: hook point the SAE reads, e.g. ``blocks.1.hook_resid_pre``.
@@ -74,6 +75,14 @@ class Subject:
     @property
     def device(self) -> torch.device:
         return self.model.cfg.device if isinstance(self.model.cfg.device, torch.device) else torch.device(self.model.cfg.device)
+
+    @property
+    def backend(self) -> str:
+        """'bridge' when the model is a transformer_lens ``TransformerBridge``, else 'hooked'
+        (:mod:`sae_targets.backend`)."""
+        from reverie.sae_targets.backend import backend_name
+
+        return backend_name(self.model)
 
     @property
     def stop_at_layer(self) -> int:
@@ -296,7 +305,9 @@ def _local_tl_config(hf_model: Any, name: str, device: str, dtype: torch.dtype, 
 
 
 def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
-    """Load the subject model as a transformer_lens ``HookedTransformer``, by sae-lens's rules.
+    """Load the subject model as a transformer_lens ``HookedTransformer`` (``model.backend = "hooked"``)
+    or ``TransformerBridge`` in compatibility mode (``"bridge"``, :func:`sae_targets.backend.load_bridge`:
+    same tokenizer, same processing flags), by sae-lens's rules.
 
     A hub name loads with ``HookedTransformer.from_pretrained_no_processing(name, **model_kwargs)``
     (sae-lens's ``load_model``); a local folder gets the same processing choices
@@ -325,7 +336,12 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
         fix = "Set model.path to a local Hugging Face model directory (e.g. '{shared}/models/tinystories-656k'), or fill the HF cache while online."
         check_hub_reachable(f"model {cfg.name!r}", fix)
         try:
-            model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=cfg.device, dtype=dtype, **kwargs)
+            if cfg.backend == "bridge":  # TransformerBridge in compatibility mode (sae_targets.backend)
+                from reverie.sae_targets.backend import load_bridge
+
+                model = load_bridge(cfg.name, cfg.device, dtype, kwargs)
+            else:
+                model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=cfg.device, dtype=dtype, **kwargs)
         except Exception as e:  # noqa: BLE001
             if hub_offline():
                 raise offline_error(f"model {cfg.name!r}", fix, e) from None
@@ -351,6 +367,16 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
             hf_model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True))
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot read the model weights in {model_dir}: {type(e).__name__}: {e}. The weight file may be corrupt or truncated; restore it.") from None
+    if cfg.backend == "bridge":  # the HF model itself behind transformer_lens's hook names (sae_targets.backend)
+        from reverie.sae_targets.backend import load_bridge
+
+        try:
+            model = load_bridge(str(model_dir), cfg.device, dtype, kwargs, hf_model=hf_model, tokenizer=tok)
+        except Exception as e:  # noqa: BLE001
+            raise LoadError(f"transformer_lens cannot build a TransformerBridge from {model_dir}: {type(e).__name__}: {e}. "
+                            "Set model.backend = \"hooked\" to load it as a HookedTransformer.") from None
+        log.info("model %s loaded on %s (%s) as a TransformerBridge, processing %s", model_dir, cfg.device, cfg.dtype, model._reverie_processing)
+        return model, tok, str(model_dir)
     neutral = _neutral_dir(model_dir)
     try:
         with warnings.catch_warnings():

@@ -17,7 +17,9 @@ Two evaluation paths give the same numbers (within float error, tested ≤ 1e-4)
   split into ``kv_buckets`` fixed ranges of their first edited position p (bucket b holds
   p ∈ [⌈b·n/K⌉, ⌈(b+1)·n/K⌉)); each bucket is one batched forward (chunked for memory) that
   starts at the bucket's first position and attends to the parents' cached keys/values
-  (transformer_lens ``TransformerLensKeyValueCache``) for the positions before it. The
+  (the lean forward's cache, else the backend's: transformer_lens ``TransformerLensKeyValueCache``
+  for ``model.backend = "hooked"``, HF's ``DynamicCache`` for ``"bridge"``, see
+  :mod:`sae_targets.backend`; a bridge whose cache fails its check runs plain) for the positions before it. The
   parent's CE terms before p and its log-probs at p are reused. Bucket boundaries depend only
   on (n, K), never on the batch, so a child's numbers do not depend on which other children
   (or other targets) share its batch.
@@ -89,8 +91,9 @@ class ParentState:
         logprobs: [M, n, V] float32; row j = log p(· | the parent's tokens before optimized
             position j) (zeros = uniform for j = 0 when P = 0).
         values / ce_terms: [M, n + Q] / [M, n], as in :class:`EvalOut`.
-        kv: per layer (keys, values) [M, T, n_kv_heads, d_head] (pre-rotary, as transformer_lens
-            caches them); None on the plain path.
+        kv: per layer (keys, values) [M, T, n_kv_heads, d_head] (keys after rotary for the lean
+            forward and the bridge, before it for transformer_lens's HookedTransformer); None on
+            the plain path.
     """
 
     tokens: torch.Tensor
@@ -178,18 +181,17 @@ class PromptEvaluator:
         self.n_scored = max(int(scored.sum()), 1)
         self._prefix_t = torch.tensor(self.prefix_ids, dtype=torch.long, device=self.device)
         self._suffix_t = torch.tensor(self.suffix_ids, dtype=torch.long, device=self.device)
-        mcfg = self.model.cfg
-        self.last_resid_hook = f"blocks.{mcfg.n_layers - 1}.hook_resid_post"
+        from reverie.sae_targets.backend import lean_forward, tail_forward
+
         self.lean = None
         self.search_dtype = torch.bfloat16 if getattr(cfg, "search_dtype", "float32") == "bfloat16" else torch.float32
         if getattr(cfg, "lean_forward", True):
-            from reverie.stages.dream.lean import LeanForward, unsupported
-
-            if unsupported(self.model, subject.hook_name) is None:
-                self.lean = LeanForward(self.model, subject.hook_name,
-                                        dtype=self.search_dtype if self.search_dtype != torch.float32 else None)
+            self.lean = lean_forward(self.model, subject.hook_name, dtype=self.search_dtype if self.search_dtype != torch.float32 else None)
+        self.tail = None
         if self.lean is None:
             self.search_dtype = torch.float32      # bf16 search needs the lean forward
+            self.tail = tail_forward(self.model, subject.hook_name, self.device)   # the backend's own forward
+            self.prefix_cache = self.prefix_cache and self.tail.caches
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._prefix_logprobs = torch.zeros(self.V, device=self.device)   # uniform when P = 0
         if self.P > 0:
@@ -224,31 +226,20 @@ class PromptEvaluator:
         return logits.float()
 
     def _init_prefix(self) -> None:
-        if self.lean is not None:
-            with torch.no_grad():
-                _, resid, kv = self.lean.run(self._prefix_t[None], 0, None, record_kv=True)
-                self._prefix_logprobs = torch.log_softmax(self._logits(resid[0, -1]), dim=-1)
-            self._prefix_kv = kv
-            return
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, 1)
-        store: dict[str, torch.Tensor] = {}
+        if self.tail is not None and not self.tail.caches:
+            return                                   # no cache on this backend: every evaluation starts at 0
         with torch.no_grad():
-            self.model.run_with_hooks(
-                self._prefix_t[None], return_type=None, past_kv_cache=cache,
-                attention_mask=torch.ones(1, self.P, dtype=torch.long, device=self.device),
-                fwd_hooks=[(self.last_resid_hook, lambda x, hook: store.__setitem__("r", x))],
-            )
-            self._prefix_logprobs = torch.log_softmax(self._logits(store["r"][0, -1]), dim=-1)
-        self._prefix_kv = [(e.past_keys, e.past_values) for e in cache.entries]
+            _, resid, kv = self._run(self._prefix_t[None], 0, None, record_kv=True)
+            self._prefix_logprobs = torch.log_softmax(self._logits(resid[0, -1]), dim=-1)
+        self._prefix_kv = kv
 
     # ------------------------------------------------------------------ core forward
     def _run(self, tail: torch.Tensor, start: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None,
              record_kv: bool = False, onehot: torch.Tensor | None = None):
         """Forward ``tail`` = full positions [start, T) given keys/values of positions < start
-        (:class:`~stages.dream.lean.LeanForward` when it covers the model, else transformer_lens
-        with its key/value cache; one evaluator always uses one of them, whose cache layouts differ).
+        (:class:`~stages.dream.lean.LeanForward` when it covers the model, else the backend's own
+        forward with its key/value cache, :func:`sae_targets.backend.tail_forward`; one evaluator
+        always uses one of them, whose cache layouts differ).
 
         Returns ``(acts [B, L, d_in], final_resid [B, L, d_model], kv or None)``.
         """
@@ -261,39 +252,17 @@ class PromptEvaluator:
                     sub = onehot.to(W_E.dtype) @ W_E
                     return torch.cat([e[:, :j0], e[:, j0:j0 + n] + (sub - sub.detach()), e[:, j0 + n:]], dim=1)
             return self.lean.run(tail, start, past, record_kv, hook)
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
-
-        B, L = tail.shape
-        store: dict[str, torch.Tensor] = {}
-        hooks: list[tuple[str, Callable]] = [
-            (self.subject.hook_name, lambda x, hook: store.__setitem__("act", x)),
-            (self.last_resid_hook, lambda x, hook: store.__setitem__("resid", x)),
-        ]
+        embed_hook = None
         if onehot is not None:
             j0, n = self.P - start, self.n
             W_E = self.model.W_E
 
-            def swap_embed(e, hook):
+            def embed_hook(e):
                 sub = onehot.to(W_E.dtype) @ W_E
                 # forward value unchanged; gradient flows to the one-hot (paper §2 step 2a)
                 return torch.cat([e[:, :j0], e[:, j0:j0 + n] + (sub - sub.detach()), e[:, j0 + n:]], dim=1)
 
-            hooks.append(("hook_embed", swap_embed))
-        kwargs = {}
-        cache = None
-        if past is not None or record_kv:
-            if past is not None:
-                entries = [Entry(past_keys=k, past_values=v) for k, v in past]
-            else:
-                entries = [Entry.init_cache_entry(self.model.cfg, self.device, B) for _ in range(self.model.cfg.n_layers)]
-            cache = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=torch.ones(B, start, dtype=torch.int, device=self.device))
-            if not record_kv:
-                cache.freeze()
-            kwargs = {"past_kv_cache": cache, "attention_mask": torch.ones(B, L, dtype=torch.long, device=self.device)}
-        self.model.run_with_hooks(tail, return_type=None, fwd_hooks=hooks, **kwargs)
-        kv = [(e.past_keys, e.past_values) for e in cache.entries] if record_kv else None
-        return store["act"], store["resid"], kv
+        return self.tail.run(tail, start, past, record_kv, embed_hook)
 
     def per_token(self, acts: torch.Tensor, group: np.ndarray) -> torch.Tensor:
         """Objective of each row's group at every position: [B, L, d_in] → [B, L] float32."""

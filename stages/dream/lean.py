@@ -79,12 +79,15 @@ class LeanForward:
         dtype: dtype of the matrix products (weights are cast once; e.g. ``torch.bfloat16``
             for tensor cores / AMX). The residual stream, norms, attention softmax and the
             returned tensors stay float32. None = the model's dtype (no copy).
+        checked: the caller has already checked that the model is covered (a weight view built
+            by :func:`sae_targets.backend.lean_forward` for a TransformerBridge, which has no
+            HookedTransformer config to check here).
     Raises:
         ValueError: :func:`unsupported` names a reason.
     """
 
-    def __init__(self, model, hook_name: str, dtype: torch.dtype | None = None):
-        why = unsupported(model, hook_name)
+    def __init__(self, model, hook_name: str, dtype: torch.dtype | None = None, checked: bool = False):
+        why = None if checked else unsupported(model, hook_name)
         if why:
             raise ValueError(f"LeanForward does not cover this model: {why}")
         self.model, self.cfg = model, model.cfg

@@ -1,0 +1,180 @@
+"""The model-backend seam (sae_targets/backend.py), each test run on both backends of the demo
+model: ``hooked`` (HookedTransformer) and ``bridge`` (TransformerBridge in compatibility mode)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from reverie.pipeline.config import EPOConfig, load_config
+from reverie.pipeline.errors import ConfigError
+from reverie.sae_targets.activations import latent_activations
+from reverie.sae_targets.backend import BridgeTail, lean_unsupported
+from reverie.sae_targets.contexts import hook_activations
+from reverie.sae_targets.loading import load_subject
+from reverie.sae_targets.objectives import Objective
+from reverie.stages.dream.epo import run_epo
+from reverie.stages.dream.evaluator import PromptEvaluator
+from reverie.stages.dream.proposals import propose_children, topk_candidates
+from tests.conftest import DEMO_CONFIG
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BACKENDS = ["hooked", "bridge"]
+LATENT = 552
+SMALL = dict(population=4, children=16, topk=64, iterations=6, restart_every=3, history_every=3)
+
+
+@pytest.fixture(scope="module")
+def bridge_subject():
+    cfg = load_config(DEMO_CONFIG, {"model.backend": "bridge"})
+    return load_subject(cfg.model, cfg.sae)
+
+
+@pytest.fixture(params=BACKENDS)
+def subj(request, subject, bridge_subject):
+    """The demo subject on each backend (the hooked one is conftest's session fixture)."""
+    s = subject if request.param == "hooked" else bridge_subject
+    assert s.backend == request.param
+    return s
+
+
+@pytest.fixture(scope="module")
+def hf_model(shared):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(shared / "models" / "tinystories-656k"), dtype=torch.float32)
+    return m.eval()
+
+
+def _tokens(subject, texts, n=6, max_len=128) -> list[list[int]]:
+    return [subject.with_bos(subject.encode(t))[:max_len] for t in texts[:n]]
+
+
+def test_bridge_is_a_transformer_bridge_in_compatibility_mode(bridge_subject):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    m = bridge_subject.model
+    assert isinstance(m, TransformerBridge) and m.compatibility_mode
+    assert bridge_subject.hook_name in m.hook_dict and bridge_subject.device == torch.device("cpu")
+    assert lean_unsupported(m, bridge_subject.hook_name) is None          # Llama: the lean forward runs from the bridge's weights
+
+
+def test_logits_match_transformers(subj, heldout_texts, hf_model):
+    worst, n_tok = 0.0, 0
+    for ids in _tokens(subj, heldout_texts):
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            worst = max(worst, (subj.model(t) - hf_model(t).logits).abs().max().item())
+        n_tok += len(ids)
+    assert n_tok > 400
+    assert worst <= 1e-4, worst
+
+
+def test_sae_activations_match_sae_encode_on_transformers_hidden_states(subj, heldout_texts, hf_model):
+    """Latents read through the backend (stop-at-layer hook activation → reverie's column read)
+    equal sae-lens's ``SAE.encode`` of transformers' own residual stream (hidden_states[L] is
+    the residual entering block L)."""
+    assert subj.hook_name == f"blocks.{subj.layer}.hook_resid_pre"
+    for ids in _tokens(subj, heldout_texts, n=4):
+        t = torch.tensor([ids])
+        x = hook_activations(subj, t)
+        with torch.no_grad():
+            ref_x = hf_model(t, output_hidden_states=True).hidden_states[subj.layer]
+            ref = subj.sae.encode(ref_x)
+        assert (x - ref_x).abs().max().item() <= 1e-4
+        assert (latent_activations(subj.sae, x).post - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("template", [dict(), dict(prefix="Once upon a time", suffix=" and then")])
+def test_kv_cached_children_equal_uncached(subj, lean, template):
+    """Children evaluated from the parents' cached keys/values (lean forward, or the backend's own
+    cache: transformer_lens's for hooked, HF's DynamicCache for the bridge) equal a full forward."""
+    ev = PromptEvaluator(subj, Objective(sae=subj.sae, latents=[LATENT]), EPOConfig(**SMALL, lean_forward=lean, **template))
+    assert (ev.lean is not None) == lean and ev.prefix_cache
+    g = torch.Generator().manual_seed(0)
+    pop = ev.random_prompts(4, g)
+    grad, pout, state = ev.gradients(pop, torch.ones(4))
+    assert state.kv is not None
+    kids = propose_children(pop, topk_candidates(grad, ev.allowed, 64), state.logprobs, ev.allowed,
+                            EPOConfig(**{**SMALL, "children": 32}), g, torch.Generator().manual_seed(1))
+    cached = ev.evaluate_children(kids.tokens, kids.slot, kids.first, state)
+    plain = ev.evaluate(kids.tokens)
+    ev.prefix_cache = False                                             # from position 0, BOS recomputed
+    from_zero = ev.evaluate(kids.tokens)
+    for f in ("act", "ce", "values", "ce_terms"):
+        assert (getattr(cached, f) - getattr(from_zero, f)).abs().max() <= 1e-4, f
+        assert (getattr(plain, f) - getattr(from_zero, f)).abs().max() <= 1e-4, f
+
+
+def test_evaluator_numbers_agree_across_backends(subject, bridge_subject):
+    """f, CE and token gradients: bridge (lean or its own forward) vs hooked."""
+    template = dict(prefix="Once upon a time", suffix=" and then")
+    ref = PromptEvaluator(subject, Objective(sae=subject.sae, latents=[LATENT]), EPOConfig(lean_forward=False, **template))
+    pop = ref.random_prompts(6, torch.Generator().manual_seed(4))
+    lam = torch.linspace(0.1, 10, 6)
+    g0, o0, _ = ref.gradients(pop, lam)
+    for lean in (True, False):
+        ev = PromptEvaluator(bridge_subject, Objective(sae=bridge_subject.sae, latents=[LATENT]), EPOConfig(lean_forward=lean, **template))
+        g1, o1, _ = ev.gradients(pop, lam)
+        for f in ("act", "ce", "values", "ce_terms"):
+            assert (getattr(o1, f) - getattr(o0, f)).abs().max() <= 1e-4, (lean, f)
+        assert (g1 - g0).abs().max() <= 1e-3 * g0.abs().max(), lean
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_same_seed_same_frontier(subj, lean):
+    obj = Objective(sae=subj.sae, latents=[LATENT])
+    cfg = EPOConfig(**SMALL, lean_forward=lean)
+    a, b = run_epo(subj, obj, cfg, seed=3), run_epo(subj, obj, cfg, seed=3)
+    assert a.frontier and [(p.token_ids, p.activation, p.ce) for p in a.frontier] == [(p.token_ids, p.activation, p.ce) for p in b.frontier]
+
+
+def test_broken_bridge_cache_is_detected_and_evaluation_runs_uncached(bridge_subject, monkeypatch):
+    """Without ``layer_past`` the bridge's attention (transformer_lens 3.9 on transformers 5.x,
+    which passes the cache as ``cache``) ignores the cache: the once-per-model check sees it, warns,
+    and the evaluator then runs every child from position 0 with the same numbers."""
+    m = bridge_subject.model
+    monkeypatch.setattr(BridgeTail, "pass_layer_past", False)
+    monkeypatch.delattr(m, "_reverie_kv_ok")
+    try:
+        with pytest.warns(UserWarning, match="key/value cache does not reproduce"):
+            ev = PromptEvaluator(bridge_subject, Objective(sae=bridge_subject.sae, latents=[LATENT]),
+                                 EPOConfig(**SMALL, lean_forward=False, prefix="Once upon a time"))
+        assert not ev.tail.caches and not ev.prefix_cache
+        pop = ev.random_prompts(4, torch.Generator().manual_seed(0))
+        grad, out, state = ev.gradients(pop, torch.ones(4))
+        assert state.kv is None
+        kids = propose_children(pop, topk_candidates(grad, ev.allowed, 64), state.logprobs, ev.allowed,
+                                EPOConfig(**SMALL), torch.Generator().manual_seed(2), torch.Generator().manual_seed(1))
+        res = ev.evaluate_children(kids.tokens, kids.slot, kids.first, state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            monkeypatch.setattr(BridgeTail, "pass_layer_past", True)
+            monkeypatch.delattr(m, "_reverie_kv_ok")
+            good = PromptEvaluator(bridge_subject, Objective(sae=bridge_subject.sae, latents=[LATENT]),
+                                   EPOConfig(**SMALL, lean_forward=False, prefix="Once upon a time"))
+        assert good.prefix_cache
+        assert (res.act - good.evaluate(kids.tokens).act).abs().max() <= 1e-4
+    finally:
+        m._reverie_kv_ok = True
+
+
+def test_backend_is_part_of_scan_key_and_dream_fingerprint(demo_cfg, subject, bridge_subject):
+    from reverie.pipeline.reuse import dream_fingerprint
+    from reverie.sae_targets.selection import Target
+    from reverie.stages.scan.stage import scan_key
+
+    bridge_cfg = type(demo_cfg).model_validate({**demo_cfg.to_toml_dict(), "model": {**demo_cfg.to_toml_dict()["model"], "backend": "bridge"}})
+    t = Target(latents=[LATENT])
+    assert scan_key(demo_cfg, subject, [LATENT]) != scan_key(bridge_cfg, bridge_subject, [LATENT])
+    assert scan_key(demo_cfg, subject, [LATENT]) == scan_key(demo_cfg, subject, [LATENT])
+    assert dream_fingerprint(demo_cfg, subject, t) != dream_fingerprint(bridge_cfg, bridge_subject, t)
+
+
+def test_unknown_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="backend"):
+        load_config(DEMO_CONFIG, {"model.backend": "native"})
