@@ -13,7 +13,8 @@ from reverie.pipeline.store import Store
 from reverie.sae_targets.activations import latent_activations
 from reverie.sae_targets.contexts import hook_activations, iter_contexts
 from reverie.stages.features import decoder_neighbours, ensure_features, logit_lens_rows
-from reverie.stages.scan.stage import finish_scan, scan_pass
+from reverie.stages.scan.rows import finish_scan
+from reverie.stages.scan.stage import scan_pass
 
 LATENTS = [5, 9, 100]
 

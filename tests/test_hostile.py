@@ -46,7 +46,7 @@ class _Planted:
 
 
 def test_planted_pickle_checkpoint_runs_nothing(tmp_path, caplog):
-    from reverie.stages.scan.stage import load_checkpoint
+    from reverie.stages.scan.store import load_checkpoint
 
     marker = tmp_path / "pwned"
     blob = pickle.dumps(_Planted(marker))

@@ -175,7 +175,7 @@ def test_hub_corpus_offline_fails_fast(demo_cfg, subject):
 
 def test_context_windows_and_search_match_windows_fed_alone(subject, heldout_texts, one_torch_thread):
     from reverie.stages.scan.search import context_windows, evaluate_matched, pareto_mask, search_contexts
-    from reverie.stages.scan.stage import single_objective
+    from reverie.stages.scan.rows import single_objective
     from reverie.pipeline.config import load_config
 
     w, end = context_windows([1, 10, 11, 12, 13, 14], 3, 1)

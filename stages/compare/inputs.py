@@ -17,6 +17,8 @@ from reverie.stages.compare.core import TargetInputs
 SOURCE_WINDOWS = "every full-length window (the dream's length) of the top contexts, fed alone after BOS (searched Pareto frontier)"
 SOURCE_COMBO_TOPS = "combination objective on the full-length windows ending at its latents' top examples' max tokens"
 SOURCE_TOPS = "full-length windows ending at the latent's top examples' max tokens, fed alone after BOS (scan without window search)"
+#: the fields of a random-prompt baseline row compare keeps (and writes into ``metrics_json``)
+BASELINE_KEYS = ("objective_key", "n", "mean", "std", "max")
 
 
 def target_inputs(target: Target, key: str, *, scan_id: str, window_len: int | None, scanned: Iterable[int],
@@ -46,7 +48,7 @@ def target_inputs(target: Target, key: str, *, scan_id: str, window_len: int | N
         :class:`TargetInputs` (notes say what is missing).
     """
     inp = TargetInputs(target_id=target.target_id, latents=list(target.latents), combine=target.combine, objective_key=key,
-                       baseline=baseline)
+                       baseline=None if baseline is None else {k: baseline.get(k) for k in BASELINE_KEYS})
     inp.dreams = [d for d in dreams if window_len is None or int(d["n_tokens"]) == int(window_len)]
     inp.n_unmatched_dreams = len(dreams) - len(inp.dreams)
     inp.n_seeds = len({d["seed"] for d in inp.dreams})
