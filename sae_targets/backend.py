@@ -19,11 +19,12 @@ through here:
 * the weights the lean forward (:mod:`stages.dream.lean`) reads (:func:`lean_forward`).
 
 The bridge's own attention (transformer_lens 3.9) looks for the cache under the keyword
-``past_key_values`` / ``layer_past``, while transformers 5.x hands it to attention layers as
-``cache``: given only ``past_key_values`` the bridge silently attends to the new tokens alone.
-:class:`BridgeTail` passes the cache as ``layer_past`` as well (forwarded unchanged through HF's
-``**kwargs`` to each attention) and checks once per model that cached and uncached forwards agree;
-when they do not, the dream evaluator runs without a cache (same numbers, slower).
+``past_key_values`` / ``layer_past``, while transformers 5.x hands it to Llama-style attention
+layers as ``cache``: there, given only the model's cache argument, the bridge silently attends to
+the new tokens alone. :class:`BridgeTail` then passes the cache as ``layer_past`` as well
+(forwarded unchanged through HF's ``**kwargs`` to each attention). Which way works is checked once
+per model (cached vs uncached forward); when none does (measured: Gemma-3, whose sliding-window
+cache layers keep only the window), the dream evaluator runs without a cache (same numbers, slower).
 """
 
 from __future__ import annotations
@@ -160,11 +161,14 @@ class BridgeTail(HookedTail):
     """``TransformerBridge`` forward of positions [start, T) given cached keys/values, through the
     bridge's hooks and HF's ``DynamicCache`` (keys cached after rotary, stored here as
     [B, S, n_kv_heads, d_head] like the other paths). ``caches`` is False when the once-per-model
-    check finds cached and uncached forwards disagree (then ``past`` must be None).
-    ``pass_layer_past``: hand the cache to the bridge's attention as ``layer_past`` too (the
-    keyword it reads; see the module docstring)."""
+    check finds cached and uncached forwards disagree in every mode of :attr:`KV_MODES` (then
+    ``past`` must be None)."""
 
-    pass_layer_past = True
+    #: ways of handing the cache over, tried in order by the check: 'model' = the HF model's own
+    #: cache argument only (GPT-2, NeoX: their layers pass it on as ``layer_past``); 'layer_past' =
+    #: also as ``layer_past``, which HF forwards through ``**kwargs`` to the bridge's attention
+    #: (Llama-style layers of transformers 5.x call it ``cache``, which the bridge does not read)
+    KV_MODES = ("model", "layer_past")
 
     def __init__(self, model: Any, hook_name: str, last_hook: str, device: torch.device):
         super().__init__(model, hook_name, last_hook, device)
@@ -172,20 +176,21 @@ class BridgeTail(HookedTail):
         # transformers >= 5.2x names the cache argument `cache` (`past_key_values` deprecated)
         params = inspect.signature(type(model.original_model).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        ok = getattr(model, "_reverie_kv_ok", None)
-        if ok is None:
-            ok = model._reverie_kv_ok = self._check_cache()
-        self.caches = ok
+        mode = getattr(model, "_reverie_kv_mode", "unchecked")
+        if mode == "unchecked":
+            mode = model._reverie_kv_mode = self._check_cache()
+        self.kv_mode: str | None = mode
+        self.caches = mode is not None
 
     def run(self, tail: torch.Tensor, start: int, past: KV | None, record_kv: bool = False,
             embed_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            use_cache: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
-        """As :meth:`HookedTail.run`. Raises RuntimeError when keys/values are passed or asked for
-        while ``caches`` is False."""
+            kv_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
+        """As :meth:`HookedTail.run`; ``kv_mode`` overrides the checked mode (:attr:`KV_MODES`).
+        Raises RuntimeError when keys/values are passed or asked for while ``caches`` is False."""
         from transformers import DynamicCache
 
-        use = self.caches if use_cache is None else use_cache
-        if (past is not None or record_kv) and not use:
+        mode = kv_mode or self.kv_mode
+        if (past is not None or record_kv) and mode is None:
             raise RuntimeError("the bridge's key/value cache failed its check on this model; evaluate without prefix_cache")
         B, L = tail.shape
         store: dict[str, torch.Tensor] = {}
@@ -201,34 +206,38 @@ class BridgeTail(HookedTail):
             pos = torch.arange(start, start + L, device=self.device)[None].expand(B, -1)
             kwargs = {self.cache_kw: cache, "use_cache": True, "position_ids": pos,
                       "attention_mask": torch.ones(B, start + L, dtype=torch.long, device=self.device)}
-            if self.pass_layer_past:
+            if mode == "layer_past":
                 kwargs["layer_past"] = cache
         self.model.run_with_hooks(tail, return_type=None, fwd_hooks=hooks, **kwargs)
         kv = [(lay.keys.transpose(1, 2), lay.values.transpose(1, 2)) for lay in cache.layers] if record_kv else None
         return store["act"], store["resid"], kv
 
     @torch.no_grad()
-    def _check_cache(self) -> bool:
-        """Cached forward of the last 3 of 8 tokens == uncached forward (≤ 1e-4 relative)."""
+    def _check_cache(self) -> str | None:
+        """The first mode of :attr:`KV_MODES` whose cached forward of the last 4 of 12 tokens
+        equals the uncached forward (≤ 1e-4 relative to the residual's largest value), else None
+        (with a warning naming what went wrong)."""
         V = int(self.model.cfg.d_vocab)
-        toks = (torch.arange(8, device=self.device) * 37 + 5)[None] % V
-        try:
-            a0, r0, kv = self.run(toks, 0, None, record_kv=True, use_cache=True)
-            past = [(k[:, :5], v[:, :5]) for k, v in kv]
-            a1, r1, _ = self.run(toks[:, 5:], 5, past, use_cache=True)
-        except Exception as e:  # noqa: BLE001 - any failure means: no cache
-            why = f"{type(e).__name__}: {e}"
-        else:
+        toks = (torch.arange(12, device=self.device) * 37 + 5)[None] % V
+        whys = []
+        for mode in self.KV_MODES:
+            try:
+                a0, r0, kv = self.run(toks, 0, None, record_kv=True, kv_mode=mode)
+                past = [(k[:, :8], v[:, :8]) for k, v in kv]
+                a1, r1, _ = self.run(toks[:, 8:], 8, past, kv_mode=mode)
+            except Exception as e:  # noqa: BLE001 - any failure means: not this mode
+                whys.append(f"{mode}: {type(e).__name__}: {str(e)[-200:]}")
+                continue
             scale = float(r0.abs().max()) + 1e-6
-            err = max(float((a1 - a0[:, 5:]).abs().max()), float((r1 - r0[:, 5:]).abs().max())) / scale
+            err = max(float((a1 - a0[:, 8:]).abs().max()), float((r1 - r0[:, 8:]).abs().max())) / scale
             if err <= 1e-4:
-                return True
-            why = f"cached and uncached forwards differ by {err:.2e} (relative)"
-        msg = (f"the TransformerBridge's key/value cache does not reproduce its uncached forward on this model ({why}); "
+                return mode
+            whys.append(f"{mode}: cached and uncached forwards differ by {err:.2e} (relative)")
+        msg = (f"the TransformerBridge's key/value cache does not reproduce its uncached forward on this model ({'; '.join(whys)}); "
                "EPO evaluates every child from position 0 (same numbers, slower). model.backend = \"hooked\" keeps the cache.")
         warnings.warn(msg, stacklevel=3)
         log.warning("%s", msg)
-        return False
+        return None
 
 
 def tail_forward(model: Any, hook_name: str, device: torch.device) -> HookedTail:

@@ -134,33 +134,33 @@ def test_same_seed_same_frontier(subj, lean):
 
 
 def test_broken_bridge_cache_is_detected_and_evaluation_runs_uncached(bridge_subject, monkeypatch):
-    """Without ``layer_past`` the bridge's attention (transformer_lens 3.9 on transformers 5.x,
-    which passes the cache as ``cache``) ignores the cache: the once-per-model check sees it, warns,
-    and the evaluator then runs every child from position 0 with the same numbers."""
+    """Given only the HF model's own cache argument, the bridge's attention (transformer_lens 3.9 on
+    transformers 5.x, whose Llama layers pass the cache on as ``cache``) ignores the cache: the
+    once-per-model check sees it, warns, and the evaluator then runs every child from position 0
+    with the same numbers. With ``layer_past`` (the default order of modes) the cache is used."""
     m = bridge_subject.model
-    monkeypatch.setattr(BridgeTail, "pass_layer_past", False)
-    monkeypatch.delattr(m, "_reverie_kv_ok")
-    try:
-        with pytest.warns(UserWarning, match="key/value cache does not reproduce"):
-            ev = PromptEvaluator(bridge_subject, Objective(sae=bridge_subject.sae, latents=[LATENT]),
-                                 EPOConfig(**SMALL, lean_forward=False, prefix="Once upon a time"))
-        assert not ev.tail.caches and not ev.prefix_cache
-        pop = ev.random_prompts(4, torch.Generator().manual_seed(0))
-        grad, out, state = ev.gradients(pop, torch.ones(4))
-        assert state.kv is None
-        kids = propose_children(pop, topk_candidates(grad, ev.allowed, 64), state.logprobs, ev.allowed,
-                                EPOConfig(**SMALL), torch.Generator().manual_seed(2), torch.Generator().manual_seed(1))
-        res = ev.evaluate_children(kids.tokens, kids.slot, kids.first, state)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            monkeypatch.setattr(BridgeTail, "pass_layer_past", True)
-            monkeypatch.delattr(m, "_reverie_kv_ok")
-            good = PromptEvaluator(bridge_subject, Objective(sae=bridge_subject.sae, latents=[LATENT]),
-                                   EPOConfig(**SMALL, lean_forward=False, prefix="Once upon a time"))
-        assert good.prefix_cache
-        assert (res.act - good.evaluate(kids.tokens).act).abs().max() <= 1e-4
-    finally:
-        m._reverie_kv_ok = True
+    monkeypatch.setattr(BridgeTail, "KV_MODES", ("model",))
+    monkeypatch.setattr(m, "_reverie_kv_mode", "unchecked", raising=False)
+    cfg = EPOConfig(**SMALL, lean_forward=False, prefix="Once upon a time")
+    with pytest.warns(UserWarning, match="key/value cache does not reproduce"):
+        ev = PromptEvaluator(bridge_subject, Objective(sae=bridge_subject.sae, latents=[LATENT]), cfg)
+    assert not ev.tail.caches and not ev.prefix_cache
+    pop = ev.random_prompts(4, torch.Generator().manual_seed(0))
+    grad, out, state = ev.gradients(pop, torch.ones(4))
+    assert state.kv is None
+    kids = propose_children(pop, topk_candidates(grad, ev.allowed, 64), state.logprobs, ev.allowed,
+                            EPOConfig(**SMALL), torch.Generator().manual_seed(2), torch.Generator().manual_seed(1))
+    res = ev.evaluate_children(kids.tokens, kids.slot, kids.first, state)
+    monkeypatch.undo()
+    m._reverie_kv_mode = "unchecked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        good = PromptEvaluator(bridge_subject, Objective(sae=bridge_subject.sae, latents=[LATENT]), cfg)
+    assert good.tail.kv_mode == "layer_past" and good.prefix_cache
+    _, _, gstate = good.gradients(pop, torch.ones(4))
+    cached = good.evaluate_children(kids.tokens, kids.slot, kids.first, gstate)
+    for f in ("act", "ce", "values", "ce_terms"):
+        assert (getattr(res, f) - getattr(cached, f)).abs().max() <= 1e-4, f
 
 
 def test_backend_is_part_of_scan_key_and_dream_fingerprint(demo_cfg, subject, bridge_subject):
