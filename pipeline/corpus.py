@@ -26,8 +26,9 @@ def corpus_files(cfg: CorpusConfig) -> list[Path]:
 
     Raises:
         LoadError: the path is missing, or a folder holds no corpus file.
+        ConfigError: no corpus is configured (neither scan.corpus.path nor scan.corpus.hf_dataset).
     """
-    p = Path(expand(cfg.path)).resolve()
+    p = Path(expand(cfg.require().path)).resolve()
     if p.is_file():
         return [p]
     if p.is_dir():
@@ -41,9 +42,14 @@ def corpus_files(cfg: CorpusConfig) -> list[Path]:
 def corpus_identity(cfg: CorpusConfig) -> dict:
     """A JSON-able identity of the corpus: hub name + split, or each local file's full content
     hash (sha256, cached by path + size + mtime: :func:`pipeline.hashing.file_sha256`), so a
-    file changed in place is a different corpus."""
+    file changed in place is a different corpus.
+
+    Raises:
+        ConfigError: no corpus is configured. LoadError: see :func:`corpus_files`.
+    """
     from reverie.pipeline.hashing import file_sha256
 
+    cfg.require()
     if cfg.hf_dataset:
         return {"hf_dataset": cfg.hf_dataset, "split": cfg.hf_split, "text_column": cfg.text_column}
     files = []
@@ -177,7 +183,9 @@ def iter_documents(cfg: CorpusConfig, skip: int = 0, stats: CorpusStats | None =
         OfflineError: a hub dataset while the hub is unreachable (within seconds).
         LoadError: a local file is missing, a parquet file lacks the text column, or (with
             ``on_bad="fail"``) a document is unparsable or has no text.
+        ConfigError: no corpus is configured (neither scan.corpus.path nor scan.corpus.hf_dataset).
     """
+    cfg.require()
     if cfg.hf_dataset:
         for text in _iter_hub(cfg, skip, stats, on_bad):
             if stats is not None:
@@ -201,11 +209,11 @@ def _iter_hub(cfg: CorpusConfig, skip: int, stats: CorpusStats | None = None, on
 
     fix = "Set scan.corpus.path to a local .jsonl/.parquet/.txt corpus (e.g. '{shared}/corpora/tinystories-train.jsonl'), or run online."
     what = f"dataset {cfg.hf_dataset!r}"
-    check_hub_reachable(what, fix)
+    check_hub_reachable(what, fix, datasets=True)
     try:
         ds = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split, streaming=True)
     except Exception as e:  # noqa: BLE001
-        if hub_offline():
+        if hub_offline(datasets=True):
             raise offline_error(what, fix, e) from None
         raise LoadError(f"cannot stream {what}: {type(e).__name__}: {e}") from None
     if skip:

@@ -8,6 +8,7 @@ they fail within seconds with an error that names the fix.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -16,12 +17,12 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from reverie.pipeline.config import ModelConfig, SAEConfig
-from reverie.pipeline.errors import LoadError, TargetError
+from reverie.pipeline.errors import ConfigError, LoadError, TargetError
 from reverie.pipeline.hashing import MODEL_FILES, SAE_FILES, dir_sha256
 from reverie.pipeline.hub import check_hub_reachable, hub_offline, offline_error
 from reverie.pipeline.paths import expand
@@ -187,6 +188,18 @@ def _prepends_prefix(tok: Any) -> bool:
     return '"Prepend"' in json.dumps(norm)
 
 
+@contextlib.contextmanager
+def _known_warnings() -> Iterator[None]:
+    """Hide only the named, understood warnings of building a HookedTransformer (category and
+    message); every other warning stays visible."""
+    with warnings.catch_warnings():
+        # transformer_lens 3.x deprecates HookedTransformer (and its from_pretrained) in favour of
+        # TransformerBridge; reverie builds HookedTransformer on purpose (model.backend = "hooked": its
+        # hook names and numerics) and a user cannot act on the warning
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"HookedTransformer(\.from_pretrained)? is deprecated")
+        yield
+
+
 def _quietly(fn: Any) -> Any:
     """Call ``fn`` with transformers' progress bars ("Loading weights") switched off."""
     from transformers.utils import logging as hf_logging
@@ -327,7 +340,9 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
     Raises:
         OfflineError: a hub name while the hub is unreachable.
         LoadError: missing folder, missing config.json, unreadable or corrupt weights.
+        ConfigError: neither model.name nor model.path is set.
     """
+    cfg.require()
     dtype = _DTYPES[cfg.dtype]
     kwargs = {k: v for k, v in (model_kwargs or {}).items() if k not in ("device", "dtype", "torch_dtype")}
     if cfg.name:
@@ -341,7 +356,8 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
 
                 model = load_bridge(cfg.name, cfg.device, dtype, kwargs)
             else:
-                model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=cfg.device, dtype=dtype, **kwargs)
+                with _known_warnings():
+                    model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=cfg.device, dtype=dtype, **kwargs)
         except Exception as e:  # noqa: BLE001
             if hub_offline():
                 raise offline_error(f"model {cfg.name!r}", fix, e) from None
@@ -362,8 +378,7 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
 
     tok = load_tokenizer(model_dir, no_prefix_space)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _known_warnings():
             hf_model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True))
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot read the model weights in {model_dir}: {type(e).__name__}: {e}. The weight file may be corrupt or truncated; restore it.") from None
@@ -379,8 +394,7 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
         return model, tok, str(model_dir)
     neutral = _neutral_dir(model_dir)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _known_warnings():
             cfg_kw = {k: kwargs[k] for k in _LOCAL_CONFIG_KWARGS if k in kwargs}
             flags = processing_flags(kwargs)
             if _architecture(hf_model) in _LOCAL_CONFIGS:  # architectures transformer_lens knows by hub name only
@@ -438,7 +452,9 @@ def load_sae(cfg: SAEConfig, device: str) -> tuple[Any, str, torch.Tensor | None
     Raises:
         LoadError: missing/corrupt files, unknown release/id (with the closest names).
         OfflineError: a registry SAE while the hub is unreachable.
+        ConfigError: neither sae.path nor sae.release + sae.sae_id is set.
     """
+    cfg.require()
     from sae_lens import SAE
 
     if cfg.path:
@@ -626,7 +642,11 @@ def load_subject(model_cfg: ModelConfig, sae_cfg: SAEConfig) -> Subject:
 
     Raises:
         LoadError, OfflineError, TargetError: see :func:`load_model`, :func:`load_sae`, :func:`check_fit`.
+        ConfigError: no model or no SAE configured (both named when both are missing).
     """
+    missing = model_cfg.missing() + sae_cfg.missing()
+    if missing:
+        raise ConfigError("; ".join(missing))
     sae, sae_key, density = load_sae(sae_cfg, model_cfg.device)  # first: its metadata says how to load the model
     model_kwargs = sae_model_kwargs(sae)
     if model_kwargs:

@@ -61,8 +61,9 @@ def test_cli_dream(small_cfg, tmp_path):
     from typer.testing import CliRunner
 
     from reverie.pipeline.cli import app
+    from tests.conftest import DEMO_CONFIG
 
-    res = CliRunner().invoke(app, ["dream", "--latent", "958", "--latent", "1547", "--combine", "lp", "--p", "0.1",
+    res = CliRunner().invoke(app, ["dream", "--config", str(DEMO_CONFIG), "--latent", "958", "--latent", "1547", "--combine", "lp", "--p", "0.1",
                                    "--iterations", "3", "--set", f"project.dir=\"{tmp_path / 'p'}\"", "--set", "dream.children=4",
                                    "--set", "dream.population=2", "--set", "dream.attribution_prompts=0"])
     assert res.exit_code == 0, res.output

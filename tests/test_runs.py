@@ -146,7 +146,7 @@ def test_too_short_corpus_is_a_clear_error(tmp_path):
 
 
 def test_targets_is_a_dry_run_unless_record(tmp_path):
-    args = ["targets", "--config", str(DEMO_CONFIG), "--project-dir", str(tmp_path / "p"), "--n", "2"]
+    args = ["targets", "--config", str(DEMO_CONFIG), "--project-dir", str(tmp_path / "p"), "--n-random", "2"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "not recorded" in r.output, r.output
     assert not (tmp_path / "p").exists()  # not even the project folder
@@ -217,7 +217,7 @@ def test_signal_interrupts_then_a_rerun_resumes(signum, code, tmp_path):
         assert set(again.skipped_units) >= {"targets", "scan", "dream", "compare", "report"}
         # `reverie report` without --run renders the latest run that has dreams, not a newer run without any
         args = ["--config", str(DEMO_CONFIG), "--project-dir", str(project)]
-        assert runner.invoke(app, ["targets", *args, "--n", "1", "--record"]).exit_code == 0
+        assert runner.invoke(app, ["targets", *args, "--n-random", "1", "--record"]).exit_code == 0
         r = runner.invoke(app, ["report", *args, "--out", str(tmp_path / "rep")])
         assert r.exit_code == 0, r.output
         assert run_id in (tmp_path / "rep" / "index.html").read_text()
