@@ -501,7 +501,7 @@ def with_local_llm(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         from reverie.stages.explain.local import key_in_env, local_llm, local_overrides
 
-        if any(kwargs.get(k) for k in ("base_url", "model", "explainer_model")):
+        if any(kwargs.get(k) for k in ("base_url", "model", "model_old", "explainer_model")):  # model_old: the deprecated --model
             raise ReverieError("--local starts its own server and model: drop --base-url and the model flag")
         user = list(kwargs.get("set_") or [])
         threads = build_config(kwargs.get("config"), user).run.torch_threads
