@@ -134,6 +134,20 @@ def test_text_documents_clean_count_and_refuse_like_corpus_files():
         text_documents("one string")
 
 
+def test_a_datasets_dataset_is_a_corpus_named_by_its_fingerprint():
+    datasets = pytest.importorskip("datasets")
+    from reverie.pipeline.corpus import CorpusStats
+    from reverie.stages.scan.memory import texts_identity
+
+    ds = datasets.Dataset.from_dict({"story": ["one", "two", "three"], "n": [1, 2, 3]})
+    assert list(text_documents(ds, "story")(1, CorpusStats())) == ["two", "three"]
+    ident = texts_identity(ds, "story")
+    assert ident["in_memory"] == "dataset" and ident["fingerprint"] == ds._fingerprint
+    a, b = texts_identity(["x", "y"]), texts_identity(["x", "y"])
+    assert a == b and a != texts_identity(["xy"]) and a["n"] == 2          # lists: a content hash
+    assert texts_identity(iter(["x"]))["id"] != texts_identity(iter(["x"]))["id"]   # a one-shot iterable: never reused
+
+
 def test_scan_refuses_one_string_before_any_work(subject):
     with pytest.raises(TypeError, match="pass a list of texts"):
         reverie.scan(subject.model, subject.sae, 5, "Once upon a time", ScanConfig(max_tokens=100), progress=False)

@@ -64,3 +64,10 @@ def test_readme_notebook_example_runs(tmp_path, shared):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("CE ")]
     assert len(rows) == 3 and (cwd / "frontier.png").stat().st_size > 1000
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith("top example: ") and len(ln) > 30 for ln in lines)          # the scan found text
+    table = next(i for i, ln in enumerate(lines) if "dominates" in ln and "data best" in ln)
+    assert lines[table + 2].split()[0] == "1039"                                         # the comparison's row
+    (verdict,) = [ln for ln in lines if ln.startswith("verdict: ")]
+    assert verdict.split(": ", 1)[1] in ("a dream dominates the dataset's best window", "no dream dominates the dataset's best window",
+                                         "no dream is as fluent as the dataset's best window")
