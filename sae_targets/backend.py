@@ -16,7 +16,8 @@ through here:
   the same weight-processing flags sae-lens asks of ``from_pretrained_no_processing``;
 * the dream evaluator's forward from a position with cached keys/values (:func:`tail_forward`):
   transformer_lens's ``TransformerLensKeyValueCache`` (hooked) or HF's ``DynamicCache`` (bridge);
-* the weights the lean forward (:mod:`stages.dream.lean`) reads (:func:`lean_forward`).
+* the weights the lean forward (:mod:`stages.dream.lean`) reads (:func:`bridge_lean_weights`) and
+  whether it covers the bridge (:func:`bridge_lean_unsupported`).
 
 The bridge's own attention (transformer_lens 3.9) looks for the cache under the keyword
 ``past_key_values`` / ``layer_past``, while transformers 5.x hands it to Llama-style attention
@@ -38,7 +39,7 @@ from typing import Any, Callable, Literal
 import torch
 
 BackendName = Literal["hooked", "bridge"]
-#: HF architectures whose bridge weights :func:`lean_forward` maps onto the lean forward (tested
+#: HF architectures whose bridge weights :func:`bridge_lean_weights` maps onto the lean forward (tested
 #: against transformers' forward on the demo Llama model); others run the bridge's own forward
 LEAN_BRIDGE_ARCHITECTURES = ("LlamaForCausalLM",)
 #: rotary tables of the lean forward cover at most this many positions on the bridge
@@ -252,7 +253,7 @@ def tail_forward(model: Any, hook_name: str, device: torch.device) -> HookedTail
 
 # --------------------------------------------------------------------------- lean forward weights
 
-def _bridge_weights(model: Any) -> Any:
+def bridge_lean_weights(model: Any) -> Any:
     """A read-only view of a Llama-family bridge's weights in the attribute layout
     :class:`stages.dream.lean.LeanForward` reads from a ``HookedTransformer`` (``blocks[i].attn.W_Q``
     [H, d_model, d_head], ``W_K``/``W_V`` [n_kv_heads, d_model, d_head], ``W_O`` [H, d_head, d_model],
@@ -283,40 +284,15 @@ def _bridge_weights(model: Any) -> Any:
     return SimpleNamespace(cfg=lcfg, blocks=blocks, W_E=model.W_E, W_U=model.W_U, b_U=z(model.W_U.shape[1]))
 
 
-def lean_unsupported(model: Any, hook_name: str) -> str | None:
-    """Why the lean forward cannot run ``model`` exactly (None = it can): for a HookedTransformer
-    :func:`stages.dream.lean.unsupported`; for a bridge, also an architecture outside
-    :data:`LEAN_BRIDGE_ARCHITECTURES` or weight processing (fold_ln, centring) applied."""
-    from reverie.stages.dream.lean import _HOOK, unsupported
-
-    if not is_bridge(model):
-        return unsupported(model, hook_name)
+def bridge_lean_unsupported(model: Any) -> str | None:
+    """Why the lean forward (:func:`stages.dream.lean.lean_forward`) cannot run a bridge exactly, from
+    the bridge's side (None = it can): an architecture outside :data:`LEAN_BRIDGE_ARCHITECTURES`, or
+    weight processing (fold_ln, centring) applied. The hook point is checked by the lean forward."""
     arch = getattr(model.cfg, "architecture", None)
     if arch not in LEAN_BRIDGE_ARCHITECTURES:
         return f"architecture {arch!r} on the bridge backend (covered: {', '.join(LEAN_BRIDGE_ARCHITECTURES)})"
     if any((getattr(model, "_reverie_processing", None) or {}).values()):
         return "processed weights (fold_ln / centring) on the bridge backend"
-    if _HOOK.match(hook_name) is None:
-        return f"hook {hook_name!r} is not a residual-stream hook"
     if int(model.cfg.n_ctx) > _MAX_ROTARY_POSITIONS:
         log.info("lean forward on the bridge: rotary tables cover the first %d positions", _MAX_ROTARY_POSITIONS)
     return None
-
-
-def lean_forward(model: Any, hook_name: str, dtype: torch.dtype | None = None) -> Any:
-    """A :class:`stages.dream.lean.LeanForward` of ``model`` (either backend), or None when
-    :func:`lean_unsupported` names a reason (the evaluator then uses :func:`tail_forward`).
-
-    Args:
-        hook_name: the SAE's residual-stream hook.
-        dtype: matrix-product dtype (e.g. ``torch.bfloat16``), None = the model's.
-    """
-    from reverie.stages.dream.lean import LeanForward
-
-    why = lean_unsupported(model, hook_name)
-    if why is not None:
-        log.info("lean forward off: %s", why)
-        return None
-    if not is_bridge(model):
-        return LeanForward(model, hook_name, dtype=dtype)
-    return LeanForward(_bridge_weights(model), hook_name, dtype=dtype, checked=True)

@@ -11,9 +11,10 @@ import torch
 from reverie.pipeline.config import EPOConfig, load_config
 from reverie.pipeline.errors import ConfigError
 from reverie.sae_targets.activations import latent_activations
-from reverie.sae_targets.backend import BridgeTail, lean_unsupported
+from reverie.sae_targets.backend import BridgeTail
 from reverie.sae_targets.contexts import hook_activations
 from reverie.sae_targets.loading import load_subject
+from reverie.stages.dream.lean import lean_unsupported
 from reverie.sae_targets.objectives import Objective
 from reverie.stages.dream.epo import run_epo
 from reverie.stages.dream.evaluator import PromptEvaluator

@@ -181,7 +181,8 @@ class PromptEvaluator:
         self.n_scored = max(int(scored.sum()), 1)
         self._prefix_t = torch.tensor(self.prefix_ids, dtype=torch.long, device=self.device)
         self._suffix_t = torch.tensor(self.suffix_ids, dtype=torch.long, device=self.device)
-        from reverie.sae_targets.backend import lean_forward, tail_forward
+        from reverie.sae_targets.backend import tail_forward
+        from reverie.stages.dream.lean import lean_forward
 
         self.lean = None
         self.search_dtype = torch.bfloat16 if getattr(cfg, "search_dtype", "float32") == "bfloat16" else torch.float32

@@ -20,11 +20,16 @@ step); the cache layout per layer is ``(keys, values)`` of shape [B, S, n_kv_hea
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from reverie.sae_targets.backend import bridge_lean_unsupported, bridge_lean_weights, is_bridge
+
+log = logging.getLogger("reverie.dream.lean")
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 _NORMS = {None, "LN", "LNPre", "RMS", "RMSPre"}
@@ -80,7 +85,7 @@ class LeanForward:
             for tensor cores / AMX). The residual stream, norms, attention softmax and the
             returned tensors stay float32. None = the model's dtype (no copy).
         checked: the caller has already checked that the model is covered (a weight view built
-            by :func:`sae_targets.backend.lean_forward` for a TransformerBridge, which has no
+            by :func:`lean_forward` for a TransformerBridge, which has no
             HookedTransformer config to check here).
     Raises:
         ValueError: :func:`unsupported` names a reason.
@@ -233,3 +238,33 @@ class LeanForward:
             if i == self.hook_layer and self.hook_where == "post":
                 acts = x
         return acts, x, kv
+
+
+def lean_unsupported(model, hook_name: str) -> str | None:
+    """Why the lean forward cannot run ``model`` exactly (None = it can): for a HookedTransformer
+    :func:`unsupported`; for a TransformerBridge, :func:`sae_targets.backend.bridge_lean_unsupported`
+    and a hook point that is not a residual-stream hook."""
+    if not is_bridge(model):
+        return unsupported(model, hook_name)
+    why = bridge_lean_unsupported(model)
+    if why is None and _HOOK.match(hook_name) is None:
+        why = f"hook {hook_name!r} is not a residual-stream hook"
+    return why
+
+
+def lean_forward(model, hook_name: str, dtype: torch.dtype | None = None) -> "LeanForward | None":
+    """A :class:`LeanForward` of ``model`` (either backend: a bridge's weights through
+    :func:`sae_targets.backend.bridge_lean_weights`), or None when :func:`lean_unsupported` names a
+    reason (the evaluator then uses :func:`sae_targets.backend.tail_forward`).
+
+    Args:
+        hook_name: the SAE's residual-stream hook.
+        dtype: matrix-product dtype (e.g. ``torch.bfloat16``), None = the model's.
+    """
+    why = lean_unsupported(model, hook_name)
+    if why is not None:
+        log.info("lean forward off: %s", why)
+        return None
+    if not is_bridge(model):
+        return LeanForward(model, hook_name, dtype=dtype)
+    return LeanForward(bridge_lean_weights(model), hook_name, dtype=dtype, checked=True)
