@@ -166,9 +166,10 @@ class BridgeTail(HookedTail):
     ``past`` must be None)."""
 
     #: ways of handing the cache over, tried in order by the check: 'model' = the HF model's own
-    #: cache argument only (GPT-2, NeoX: their layers pass it on as ``layer_past``); 'layer_past' =
-    #: also as ``layer_past``, which HF forwards through ``**kwargs`` to the bridge's attention
-    #: (Llama-style layers of transformers 5.x call it ``cache``, which the bridge does not read)
+    #: cache argument only (measured: NeoX, whose layers pass it on as ``layer_past``); 'layer_past'
+    #: = also as ``layer_past``, which HF forwards through ``**kwargs`` to the bridge's attention
+    #: (measured: Llama and GPT-2 of transformers 5.24, whose layers call it ``cache``, which the
+    #: bridge's attention does not read)
     KV_MODES = ("model", "layer_past")
 
     def __init__(self, model: Any, hook_name: str, last_hook: str, device: torch.device):

@@ -179,3 +179,50 @@ def test_backend_is_part_of_scan_key_and_dream_fingerprint(demo_cfg, subject, br
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match="backend"):
         load_config(DEMO_CONFIG, {"model.backend": "native"})
+
+
+@pytest.mark.parametrize("kind,mode", [("gpt2", "layer_past"), ("neox", "model"), ("gemma3", None)])
+def test_bridge_on_other_architectures(kind, mode, shared, tmp_path):
+    """Random-weight GPT-2, GPT-NeoX and Gemma-3 folders (tests/realshapes.py) on the bridge: logits
+    equal transformers', the cache is handed over the way the check found (NeoX: the model's own
+    argument; GPT-2: also as ``layer_past``; Gemma-3: none works, its sliding-window cache layers keep only the window, so EPO
+    evaluates uncached) and cached children equal a full forward."""
+    from transformers import AutoModelForCausalLM
+
+    from reverie.pipeline.config import ModelConfig, SAEConfig
+    from tests.realshapes import build_model, save_sae
+
+    model_dir = build_model(tmp_path / f"tiny-{kind}", shared, kind)
+    sae_dir = save_sae(tmp_path / "sae", 64, "blocks.1.hook_resid_pre", f"tiny-{kind}", d_sae=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = load_subject(ModelConfig(path=str(model_dir), tokenizer_no_prefix_space=False, backend="bridge"), SAEConfig(path=str(sae_dir)))
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    ids = torch.tensor([s.with_bos(s.encode("The quick brown fox jumps over the lazy dog, then it naps in the sun."))])
+    with torch.no_grad():
+        assert (s.model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    cfg = EPOConfig(population=4, children=16, topk=32, lean_forward=True, prefix="Once upon", suffix=" end")
+    if mode is None:
+        with pytest.warns(UserWarning, match="key/value cache does not reproduce"):
+            ev = PromptEvaluator(s, Objective(sae=s.sae, latents=[3]), cfg)
+    else:
+        ev = PromptEvaluator(s, Objective(sae=s.sae, latents=[3]), cfg)
+    assert ev.lean is None and ev.tail.kv_mode == mode and ev.prefix_cache == (mode is not None)
+    g = torch.Generator().manual_seed(0)
+    pop = ev.random_prompts(4, g)
+    grad, _, state = ev.gradients(pop, torch.ones(4))
+    kids = propose_children(pop, topk_candidates(grad, ev.allowed, 32), state.logprobs, ev.allowed, cfg, g, torch.Generator().manual_seed(1))
+    cached = ev.evaluate_children(kids.tokens, kids.slot, kids.first, state)
+    ev.prefix_cache = False
+    plain = ev.evaluate(kids.tokens)
+    for f in ("act", "ce", "values", "ce_terms"):
+        assert (getattr(cached, f) - getattr(plain, f)).abs().max() <= 1e-4, f
+
+
+def test_logit_lens_agrees_across_backends(subject, bridge_subject):
+    """The logit lens reads ``W_U`` and ``ln_final.w`` from either model: same logits."""
+    from reverie.stages.features import lens_logits
+
+    (a, note_a), (b, note_b) = lens_logits(subject, [LATENT, 1300]), lens_logits(bridge_subject, [LATENT, 1300])
+    assert note_a == note_b and a.shape == b.shape == (2, subject.vocab_size)
+    assert (a - b).abs().max().item() <= 1e-4
