@@ -90,12 +90,11 @@ def load_bridge(source: str, device: str, dtype: torch.dtype, kwargs: dict[str, 
 
     if hf_model is not None:
         hf_model = hf_model.to(device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning)
-        model = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype,
-                                                    n_ctx=kwargs.get("n_ctx"))
-        flags = processing_flags(kwargs)
-        model.enable_compatibility_mode(disable_warnings=True, no_processing=not any(flags.values()), **flags)
+    extra = {"n_ctx": int(kwargs["n_ctx"])} if kwargs.get("n_ctx") else {}
+    model = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **extra)
+    flags = processing_flags(kwargs)
+    # disable_warnings: the bridge's notes on legacy hook names, which reverie uses on purpose
+    model.enable_compatibility_mode(disable_warnings=True, no_processing=not any(flags.values()), **flags)
     ignored = sorted(set(kwargs) - set(NO_PROCESSING) - {"n_ctx"})
     if ignored:
         log.warning("the SAE's model_from_pretrained_kwargs %s are not applied by the bridge backend (%s)", ignored, source)

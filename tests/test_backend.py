@@ -20,6 +20,7 @@ from reverie.stages.dream.epo import run_epo
 from reverie.stages.dream.evaluator import PromptEvaluator
 from reverie.stages.dream.proposals import propose_children, topk_candidates
 from tests.conftest import DEMO_CONFIG
+from tests.test_real_saes import gpt2_dir, local_names  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -226,3 +227,25 @@ def test_logit_lens_agrees_across_backends(subject, bridge_subject):
     (a, note_a), (b, note_b) = lens_logits(subject, [LATENT, 1300]), lens_logits(bridge_subject, [LATENT, 1300])
     assert note_a == note_b and a.shape == b.shape == (2, subject.vocab_size)
     assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kwargs", [{"center_writing_weights": False, "fold_ln": False},
+                                    {"center_writing_weights": True, "fold_ln": True}])
+def test_bridge_processes_weights_as_sae_lens_does(gpt2_dir, tmp_path, local_names, kwargs):
+    """The SAE's ``model_from_pretrained_kwargs`` (centring changes a LayerNorm model's residuals)
+    reach the bridge's compatibility mode: its latents equal sae-lens's own path
+    (``HookedSAETransformer.from_pretrained_no_processing(**kwargs)`` + ``run_with_cache_with_saes``)."""
+    from reverie.pipeline.config import ModelConfig, SAEConfig
+    from tests.realshapes import save_sae
+    from tests.test_real_saes import HOOK as GPT2_HOOK, _reverie_acts, _sae_lens_acts, _tokens as gpt2_tokens
+
+    sae_dir = save_sae(tmp_path / "sae", 64, GPT2_HOOK, "tiny-gpt2", model_kwargs=kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = load_subject(ModelConfig(path=str(gpt2_dir), tokenizer_no_prefix_space=False, backend="bridge"), SAEConfig(path=str(sae_dir)))
+    assert s.backend == "bridge" and s.model._reverie_processing["center_writing_weights"] == kwargs["center_writing_weights"]
+    toks = gpt2_tokens(s)
+    ours = _reverie_acts(s, toks)
+    ref = _sae_lens_acts(gpt2_dir, s.sae, toks, s.tokenizer)
+    assert float(ref.abs().max()) > 0.1 and int((ref > 0).sum()) > 20
+    assert (ours - ref).abs().max().item() <= 1e-5
