@@ -92,7 +92,8 @@ def scan_settings(cfg: ReverieConfig, subject: Subject) -> dict[str, Any]:
 
 
 def scan_key(cfg: ReverieConfig, subject: Subject, latents: Iterable[int] | Iterable[Target], corpus: dict[str, Any] | None = None) -> str:
-    """Content hash naming a scan: model, SAE, hook, corpus identity, scan settings, latent set, dream length.
+    """Content hash naming a scan: model, SAE, hook, corpus identity, scan settings, latent set, dream
+    length, and the model backend when it is not 'hooked' (``model.backend``).
 
     An unchanged scan is reused across runs. Combination objectives are not part of the key:
     their baselines are added to an existing scan when first needed (:func:`run_scan`).
@@ -113,6 +114,8 @@ def scan_key(cfg: ReverieConfig, subject: Subject, latents: Iterable[int] | Iter
         "model_sha": getattr(subject, "model_sha", None), "sae_sha": getattr(subject, "sae_sha", None),
         "corpus": corpus if corpus is not None else corpus_identity(cfg.scan.corpus), "settings": scan_settings(cfg, subject), "latents": ids,
     }
+    if getattr(subject, "backend", "hooked") != "hooked":   # TransformerBridge: its own scans (hooked keys unchanged)
+        blob["backend"] = subject.backend
     return "scan-" + hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
