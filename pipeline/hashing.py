@@ -6,6 +6,10 @@ sha256 of their bytes. Hashing a multi-GB weight file takes seconds, so each fil
 cached by ``(resolved path, size, mtime_ns)``: in memory for the process, and on disk in
 ``$REVERIE_HASH_CACHE`` (default ``~/.cache/reverie/file-hashes.json``) across processes. A file
 whose size or mtime changed is hashed again. A cache that cannot be read or written is ignored.
+
+Keys of content (settings, configurations, prompts) are sha256 of canonical JSON:
+:func:`content_key` (a hex string) and :func:`content_seed` (an integer seed), the one definition
+every cache key, scan id and derived seed uses.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger("reverie.hashing")
 
@@ -30,6 +34,39 @@ _disk_loaded = False
 MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "config.json", "generation_config.json",
                "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 SAE_FILES = ("*.safetensors", "*.bin", "*.pt", "cfg.json", "activation_scaler.json")
+
+
+def content_key(obj: Any, length: int | None = 16, *, ensure_ascii: bool = True,
+                default: Callable[[Any], Any] | None = None) -> str:
+    """sha256 (hex) of the canonical JSON of ``obj``: ``json.dumps(obj, sort_keys=True)`` as UTF-8.
+
+    The bytes hashed are exactly those of that call, so keys stored before this function existed
+    (scan ids, config fingerprints, dream fingerprints, LLM cache keys) keep their values.
+
+    Args:
+        obj: a JSON-able value (dict keys are sorted at every level; list order counts).
+        length: hex characters kept (16 = 64 bits); None keeps all 64.
+        ensure_ascii: ``json.dumps``' flag (True escapes non-ASCII as ``\\uXXXX``; the LLM cache
+            key hashes the characters themselves, False).
+        default: ``json.dumps``' fallback for values JSON cannot encode (e.g. ``str``); None raises.
+    Returns:
+        ``length`` lowercase hex characters.
+    Raises:
+        TypeError: ``obj`` holds a value JSON cannot encode and no ``default`` was given.
+    """
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=ensure_ascii, default=default)
+    digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return digest if length is None else digest[:length]
+
+
+def content_seed(*parts: object) -> int:
+    """A deterministic 64-bit seed from ``parts``: the first 8 bytes (big-endian) of the sha256 of
+    ``':'.join(str(p) for p in parts)``. Independent of ``PYTHONHASHSEED``, unlike ``hash()``.
+
+    Returns:
+        An int in ``[0, 2**64)``; take ``% 2**32`` for generators that need 32 bits.
+    """
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
 def cache_path() -> Path:
@@ -104,7 +141,7 @@ def files_sha256(files: Iterable[str | Path], root: str | Path | None = None) ->
     for f in sorted(Path(x) for x in files):
         name = str(f.relative_to(root)) if root is not None else str(f)
         items.append([name, file_sha256(f)])
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+    return content_key(items)
 
 
 def dir_sha256(folder: str | Path, patterns: Iterable[str]) -> str:

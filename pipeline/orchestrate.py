@@ -553,17 +553,15 @@ def report_key(cfg: ReverieConfig, store: Store, run_id: str) -> str:
     Returns:
         'sha256:' + 16 hex characters.
     """
-    import hashlib
-
+    from reverie.pipeline.hashing import content_key
     from reverie.pipeline.store import code_version
 
     # a 'skipped' unit (explain without an API key) is re-recorded each session without new rows: its time does not count
     units = store.fetch("SELECT target_id, stage, status, CASE WHEN status = 'skipped' THEN NULL ELSE CAST(ended_at AS VARCHAR) END AS ended "
                         "FROM units WHERE run_id = ? AND stage NOT IN ('report', 'atlas') ORDER BY stage, target_id", [run_id])
     run = store.fetch_one("SELECT status FROM runs WHERE run_id = ?", [run_id])
-    blob = json.dumps({"units": units, "status": run["status"] if run else None, "config": cfg.fingerprint(),
-                       "code": code_version()}, sort_keys=True, default=str)
-    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return "sha256:" + content_key({"units": units, "status": run["status"] if run else None, "config": cfg.fingerprint(),
+                                    "code": code_version()}, default=str)
 
 
 def _previous_index(row: dict | None) -> Path | None:

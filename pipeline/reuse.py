@@ -14,12 +14,11 @@ The random latent draw prefers latents of the same SAE that no earlier nightly e
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.hashing import content_key
 from reverie.pipeline.store import Store
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ def dream_fingerprint(cfg: ReverieConfig, subject: "Subject", target: "Target") 
         "model_sha": getattr(subject, "model_sha", None), "sae_sha": getattr(subject, "sae_sha", None),
         "latents": list(target.latents), "combine": target.combine if target.is_combination else None,
     }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_key(blob, default=str)
 
 
 def explained_latents(store: Store, sae_key: str, run_id: str) -> set[int]:

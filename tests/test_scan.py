@@ -174,7 +174,8 @@ def test_hub_corpus_offline_fails_fast(demo_cfg, subject):
 
 
 def test_context_windows_and_search_match_windows_fed_alone(subject, heldout_texts, one_torch_thread):
-    from reverie.stages.scan.search import context_windows, evaluate_matched, pareto_mask, search_contexts
+    from reverie.stages.pareto import pareto_mask
+    from reverie.stages.scan.search import context_windows, evaluate_matched, search_contexts
     from reverie.stages.scan.rows import single_objective
     from reverie.pipeline.config import load_config
 

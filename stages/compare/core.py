@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from reverie.pipeline.config import CompareConfig
+from reverie.stages.pareto import pareto_frontier
 
 DREAM_FIELDS = ("dream_max", "dream_best_ce_limit", "dream_best_in_dist", "dream_z", "n_beating", "attribution_overlap")
 #: dominance verdict states (``comparisons.verdict``)
@@ -59,21 +60,6 @@ class TargetInputs:
     members: list[dict[str, Any]] = field(default_factory=list)
     data_max_in_context: float | None = None
     n_unmatched_dreams: int = 0
-
-
-def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the Pareto frontier of ``(activation, ce)`` points: maximize activation, minimize CE.
-
-    A point is kept unless another has activation ≥ and CE ≤ with one strict (exact duplicates: first kept).
-    Returned in ascending CE.
-    """
-    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0], i))
-    keep, best = [], -math.inf
-    for i in order:
-        if points[i][0] > best:
-            keep.append(i)
-            best = points[i][0]
-    return keep
 
 
 def _best(values: Sequence[tuple[float | None, float | None]], limit: float | None = None) -> float | None:

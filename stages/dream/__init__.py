@@ -7,7 +7,7 @@ Entry points: :func:`dream_targets` / :func:`dream_target` (pure compute, batche
 
 from reverie.stages.dream.attribution import token_attribution
 from reverie.stages.dream.epo import DreamJob, IterationStats, run_epo, run_epo_batch
-from reverie.stages.dream.pareto import pareto_mask
+from reverie.stages.pareto import pareto_mask
 from reverie.stages.dream.result import DreamPrompt, DreamResult, FrontierSnapshot, PositionAttribution, Replacement, RestartEvent
 from reverie.stages.dream.stage import (
     dream_id_for, dream_target, dream_targets, format_frontier, merge_results, objective_scales, run_dream_stage, write_dream,

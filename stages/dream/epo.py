@@ -31,7 +31,7 @@ from reverie.pipeline.config import EPOConfig
 from reverie.sae_targets.loading import Subject
 from reverie.sae_targets.objectives import Objective
 from reverie.stages.dream.evaluator import EvalOut, PromptEvaluator, log_lambdas, merge_states
-from reverie.stages.dream.pareto import dedup_rows_first, pareto_mask
+from reverie.stages.dream.pareto import dedup_rows_first, frontier_mask
 from reverie.stages.dream.proposals import propose_children, restart_choice, select_with_replacement, topk_candidates
 from reverie.stages.dream.result import DreamPrompt, DreamResult, FrontierSnapshot, RestartEvent
 
@@ -80,14 +80,14 @@ class _Frontier:
         it = torch.cat([self.iteration, *parts[3]])
         la = torch.cat([self.lam, *parts[4]])
         keep = dedup_rows_first(t)
-        keep = keep[pareto_mask(a[keep], c[keep])]
+        keep = keep[frontier_mask(a[keep], c[keep])]
         self.tokens, self.act, self.ce, self.iteration, self.lam = t[keep], a[keep], c[keep], it[keep], la[keep]
         return bool((keep >= n_old).any())
 
     def rescored(self, act: torch.Tensor, ce: torch.Tensor) -> "_Frontier":
         """(After :meth:`flush`.) The same prompts with new values (e.g. re-scored in float32), re-filtered to the Pareto set."""
         out = _Frontier(self.tokens.shape[1], self.tokens.device)
-        keep = pareto_mask(act.float(), ce.float())
+        keep = frontier_mask(act.float(), ce.float())
         out.tokens, out.act, out.ce = self.tokens[keep], act.float()[keep], ce.float()[keep]
         out.iteration, out.lam = self.iteration[keep], self.lam[keep]
         return out

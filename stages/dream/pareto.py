@@ -1,54 +1,33 @@
-"""Pareto frontiers of activation (maximize) vs cross-entropy (minimize), Thompson et al. 2024 §2.
+"""Merging dream frontiers: dedup by token ids, then the Pareto set of :mod:`stages.pareto`.
 
-A point a dominates b when ``act_a ≥ act_b``, ``ce_a ≤ ce_b`` and at least one inequality is
-strict. The frontier is the exact set of non-dominated points; points with identical
-(activation, CE) but different prompts are all kept (neither dominates the other).
+The frontier itself (activation maximized, CE minimized; of points equal on both, the first
+kept; non-finite points never on it) is :func:`stages.pareto.pareto_mask`, shared with the scan
+and compare; :func:`frontier_mask` applies it to tensors on any device.
 """
 
 from __future__ import annotations
 
 from typing import Sequence, TypeVar
 
-import numpy as np
 import torch
+
+from reverie.stages.pareto import pareto_mask
 
 T = TypeVar("T")
 
 
-def pareto_mask(activation: torch.Tensor | np.ndarray | Sequence[float], ce: torch.Tensor | np.ndarray | Sequence[float]) -> torch.Tensor:
-    """Exact non-dominated mask, maximizing activation and minimizing CE, in O(N log N).
+def frontier_mask(activation: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """:func:`stages.pareto.pareto_mask` of two tensors (copied to the CPU; N is a frontier plus
+    one round of candidates, so the copy is small).
 
     Args:
-        activation: [N] float objective values (any device when a tensor).
+        activation: [N] float objective values, any device.
         ce: [N] float cross-entropies (nats/token), same device.
     Returns:
-        bool [N] on the inputs' device (CPU for lists/arrays): True where no other point
-        dominates. NaN points are never on the frontier and never dominate.
+        bool [N] on ``activation``'s device.
     """
-    a = torch.as_tensor(activation, dtype=torch.float64) if not isinstance(activation, torch.Tensor) else activation.double()
-    c = torch.as_tensor(ce, dtype=torch.float64, device=a.device) if not isinstance(ce, torch.Tensor) else ce.double().to(a.device)
-    n = a.numel()
-    if n == 0:
-        return torch.zeros(0, dtype=torch.bool, device=a.device)
-    valid = ~(torch.isnan(a) | torch.isnan(c))
-    a_ = torch.where(valid, a, torch.full_like(a, -torch.inf))
-    c_ = torch.where(valid, c, torch.full_like(c, torch.inf))
-    # sort by activation descending, then CE ascending
-    order1 = torch.argsort(c_, stable=True)
-    order = order1[torch.argsort(-a_[order1], stable=True)]
-    sa, sc = a_[order], c_[order]
-    # groups of equal activation (consecutive after sorting)
-    new_group = torch.ones(n, dtype=torch.bool, device=a.device)
-    new_group[1:] = sa[1:] != sa[:-1]
-    gid = torch.cumsum(new_group.long(), 0) - 1
-    gmin = sc[new_group]                       # first = smallest CE of each group
-    # min CE over groups with strictly larger activation
-    prev = torch.cat([torch.full((1,), torch.inf, dtype=sc.dtype, device=a.device), gmin[:-1]])
-    excl = torch.cummin(prev, 0).values
-    dominated = (excl[gid] <= sc) | (gmin[gid] < sc)
-    out = torch.empty(n, dtype=torch.bool, device=a.device)
-    out[order] = ~dominated
-    return out & valid
+    m = pareto_mask(activation.detach().double().cpu().numpy(), ce.detach().double().cpu().numpy())
+    return torch.from_numpy(m).to(activation.device)
 
 
 def dedup_first(keys: Sequence[tuple[int, ...]]) -> list[int]:

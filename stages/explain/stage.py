@@ -22,7 +22,6 @@ an answer is stored once (capped, in ``llm_cache``); a budget cap or a refused k
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import random
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from reverie.pipeline.config import ReverieConfig
 from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.hashing import content_seed
 from reverie.pipeline.store import Store, now
 from reverie.stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
 from reverie.stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
@@ -151,10 +151,6 @@ def explain_available(cfg: ReverieConfig) -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------- compute
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
 def _mixed(shown: list[Example], k: int) -> list[Example]:
     """``k`` of the shown dataset examples keeping the top/quantile mix (a quarter quantiles)."""
     top = [e for e in shown if e.kind == "top"]
@@ -218,8 +214,8 @@ class _Stage:
         verb = "detect" if scorer == "detection" else "fuzz"
         what = f"{verb}:{explanation.source}:{holdout_set}" + (":baseline" if baseline else "")
         held: list[HeldOut] = list(inp.holdout[holdout_set])
-        random.Random(_seed(self.cfg.explain.seed, inp.target_id, holdout_set)).shuffle(held)
-        items = [(h.text, h.fires) for h in held] if scorer == "detection" else fuzz_items(held, _seed(self.cfg.explain.seed, inp.target_id, holdout_set, "fuzz"))
+        random.Random(content_seed(self.cfg.explain.seed, inp.target_id, holdout_set)).shuffle(held)
+        items = [(h.text, h.fires) for h in held] if scorer == "detection" else fuzz_items(held, content_seed(self.cfg.explain.seed, inp.target_id, holdout_set, "fuzz"))
         size = self.cfg.explain.detection_batch
         batches = [items[i: i + size] for i in range(0, len(items), size)]
         build = detection_messages if scorer == "detection" else fuzz_messages
@@ -238,7 +234,7 @@ class _Stage:
             return None
         metrics = detection_metrics(truth, pred)
         e = self.cfg.explain
-        intervals = score_intervals(truth, pred, e.ci_bootstrap, _seed(e.seed, inp.target_id, holdout_set, scorer) % (2 ** 32))
+        intervals = score_intervals(truth, pred, e.ci_bootstrap, content_seed(e.seed, inp.target_id, holdout_set, scorer) % (2 ** 32))
         wanted = inp.wanted if holdout_set == "dataset" else (e.n_holdout, e.n_holdout)
         n_hard = sum(1 for h in held if h.hard and not h.fires) if len(truth) == len(items) else 0
         return Score(inp.target_id, explanation.explanation_id, scored.explanation_id, holdout_set, baseline, metrics,

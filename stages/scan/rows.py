@@ -26,7 +26,8 @@ from reverie.sae_targets.objectives import Objective, build_objective
 from reverie.sae_targets.selection import Target
 from reverie.stages.features import NEIGHBOURS_K, neighbour_rows
 from reverie.stages.scan.cofire import cooccurrence_top
-from reverie.stages.scan.search import WindowSet, ce_bands, evaluate_matched, pareto_mask, search_contexts
+from reverie.stages.pareto import pareto_mask
+from reverie.stages.scan.search import WindowSet, ce_bands, evaluate_matched, search_contexts
 from reverie.stages.scan.stage import (
     BASELINE_SEED, N_DECILES, Documents, ScanState, _body0, rank_and_post, scan_pass, scan_settings,
 )

@@ -162,29 +162,6 @@ def search_contexts(subject: Subject, contexts: Sequence[Sequence[int]], objecti
     return WindowSet(W, np.concatenate(src), np.concatenate(end), ce, ce_rest, values), n_short
 
 
-def pareto_mask(act: np.ndarray, ce: np.ndarray) -> np.ndarray:
-    """Pareto frontier of ``(activation, CE)`` points: maximize activation, minimize CE.
-
-    A point is on it unless another has activation ≥ and CE ≤ with one strict; of exact
-    duplicates the first is kept. Non-finite points are never on it.
-
-    Args:
-        act, ce: float [N].
-    Returns:
-        bool [N].
-    """
-    act, ce = np.asarray(act, dtype=np.float64), np.asarray(ce, dtype=np.float64)
-    out = np.zeros(len(act), dtype=bool)
-    ok = np.flatnonzero(np.isfinite(act) & np.isfinite(ce))
-    order = ok[np.lexsort((ok, -act[ok], ce[ok]))]  # CE asc, activation desc, index asc
-    best = -np.inf
-    for i in order:
-        if act[i] > best:
-            out[i] = True
-            best = act[i]
-    return out
-
-
 def best_under(act: np.ndarray, ce: np.ndarray, limit: float | None) -> int | None:
     """Index of the highest activation among points with CE ≤ ``limit`` (None: no limit); None if none.
 
