@@ -71,6 +71,12 @@ def redact(text: str, *secrets: str | None) -> str:
     return text
 
 
+def storable(text: str) -> str:
+    """``text`` as valid Unicode: a lone surrogate (JSON allows ``"\\ud800"``; DuckDB refuses
+    to store one, which would stop the stage) becomes U+FFFD; surrogate pairs become their character."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def cache_key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of (model, messages, parameters)."""
     blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
@@ -215,8 +221,9 @@ class LLMClient:
 
     @property
     def params(self) -> dict[str, Any]:
-        """Request parameters besides model and messages (part of the cache key)."""
-        return {"temperature": self.cfg.temperature, "max_completion_tokens": self.cfg.max_completion_tokens}
+        """Request parameters besides model and messages (part of the cache key); the token cap goes
+        in the field named by ``explain.token_limit_param``."""
+        return {"temperature": self.cfg.temperature, self.cfg.token_limit_param: self.cfg.max_completion_tokens}
 
     def _redact(self, text: str) -> str:
         return redact(text, self.api_key)
@@ -301,7 +308,7 @@ class LLMClient:
                 raise LLMError(f"{purpose} failed after {attempts} attempt(s): {self._describe(e)}") from None
         text = response.choices[0].message.content
         received = len(text)
-        text = text[: self.cfg.max_answer_chars]  # untrusted: capped before it is stored (once, here)
+        text = storable(text[: self.cfg.max_answer_chars])  # untrusted: capped and made storable before it is stored (once, here)
         usage = response.usage
         pt = int(usage.prompt_tokens) if usage and usage.prompt_tokens is not None else sum(len(m["content"]) for m in messages) // 4
         ct = int(usage.completion_tokens) if usage and usage.completion_tokens is not None else received // 4

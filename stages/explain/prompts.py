@@ -162,7 +162,9 @@ def detection_messages(explanation: str, texts: Sequence[str]) -> list[Message]:
     return [{"role": "system", "content": DETECT_SYSTEM}, {"role": "user", "content": user}]
 
 
-_MARKER = re.compile(r"explanation\s*[:\-–]\s*", re.I)
+# a quoted marker ("... start with "Explanation:" followed by ...") is an echo of the instructions, not an answer
+# (SmolLM2-135M does this): the marker must not sit inside quotes
+_MARKER = re.compile(r"(?<![\"'`“‘])\bexplanation\s*[:\-–](?![\"'`”’])\s*", re.I)
 _WRAP = "\"'`*_ “”‘’"
 
 
@@ -196,6 +198,8 @@ def parse_explanation(answer: str) -> str:
 _TRUE = {"1", "true", "yes", "active", "y"}
 _FALSE = {"0", "false", "no", "inactive", "n"}
 _BRACKETS = re.compile(r"\[[^\[\]]*\]")
+_LEADING_WORD = re.compile(r"^\W*(?:final\s+)?(?:labels?|answers?)\b\W*?[:\-–]?", re.I)
+_NUMBERING = re.compile(r"(?m)^\s*(?:example\s*)?\d+\s*[.):]\s+(?=\S)", re.I)
 _PER_LINE = re.compile(r"example\s*(\d+)\s*[:=\-–]?\s*(1|0|yes|no|true|false|inactive|active)\b", re.I)
 
 
@@ -209,7 +213,8 @@ def parse_labels(answer: str, n: int) -> list[bool]:
 
     Tries, in order: the last bracketed list with exactly ``n`` readable labels (JSON or bare words:
     0/1, true/false, yes/no); ``Example k: 1`` lines covering 1..n; exactly ``n`` standalone 0/1
-    digits.
+    digits when the answer holds nothing else (besides a leading ``Labels:``, line numbering and
+    separators; digits inside prose are no labels).
 
     Raises:
         ParseError: none of these gives ``n`` labels.
@@ -227,7 +232,10 @@ def parse_labels(answer: str, n: int) -> list[bool]:
     per = {int(k): _label(v) for k, v in _PER_LINE.findall(text)}
     if all(i in per for i in range(1, n + 1)):
         return [bool(per[i]) for i in range(1, n + 1)]
-    digits = re.findall(r"(?<![\w.])[01](?![\w.])", text)
-    if len(digits) == n:
+    # bare digits only when the answer holds nothing else (besides a "Labels:" word, numbering and separators): digits
+    # inside prose ("a JSON list of 0 (not active) and 1 (active)", an echo of the instructions) are no labels
+    bare = _NUMBERING.sub("", _LEADING_WORD.sub("", text.strip(), count=1))
+    digits = re.findall(r"(?<![\w.])[01](?![\w.])", bare)
+    if len(digits) == n and not re.sub(r"[\s,;\[\]()01]", "", bare):
         return [d == "1" for d in digits]
     raise ParseError(f"could not read {n} labels from the answer {text[:200]!r}")
