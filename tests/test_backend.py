@@ -249,3 +249,34 @@ def test_bridge_processes_weights_as_sae_lens_does(gpt2_dir, tmp_path, local_nam
     ref = _sae_lens_acts(gpt2_dir, s.sae, toks, s.tokenizer)
     assert float(ref.abs().max()) > 0.1 and int((ref > 0).sum()) > 20
     assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_bridge_hub_name_offline_fails_fast():
+    """A hub name on the bridge backend goes through the same hub check as the hooked one."""
+    import time
+
+    from reverie.pipeline.errors import OfflineError
+    from reverie.sae_targets.loading import load_model
+
+    cfg = load_config(DEMO_CONFIG, {"model.path": "", "model.name": "gpt2", "model.backend": "bridge"})
+    t = time.time()
+    with pytest.raises(OfflineError) as e:
+        load_model(cfg.model)
+    assert time.time() - t < 20 and "model.path" in str(e.value)
+
+
+def test_bridge_load_failure_names_the_fix(monkeypatch):
+    """When transformer_lens cannot wrap the model (here: boot_transformers raising, as it does for an
+    architecture without an adapter), the LoadError names the folder and model.backend = "hooked"."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from reverie.pipeline.errors import LoadError
+    from reverie.sae_targets.loading import load_model
+
+    def refuse(*a, **k):
+        raise ValueError("Unsupported architecture: NoSuchArchForCausalLM")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", refuse)
+    cfg = load_config(DEMO_CONFIG, {"model.backend": "bridge"})
+    with pytest.raises(LoadError, match='TransformerBridge from .*tinystories-656k.*Unsupported architecture.*model.backend = "hooked"'):
+        load_model(cfg.model)
