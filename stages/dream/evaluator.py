@@ -33,8 +33,6 @@ objective ``group[b]`` from the same hook activations.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -44,87 +42,14 @@ from reverie.pipeline.config import EPOConfig
 from reverie.pipeline.errors import ConfigError
 from reverie.sae_targets.loading import Subject
 from reverie.sae_targets.objectives import Objective
-
-
-def group_runs(group: np.ndarray) -> list[tuple[int, int, int]]:
-    """Contiguous runs of equal values: [(value, lo, hi), ...] covering ``group`` in order."""
-    g = np.asarray(group)
-    if g.size == 0:
-        return []
-    cuts = np.flatnonzero(np.diff(g)) + 1
-    bounds = [0, *cuts.tolist(), g.size]
-    return [(int(g[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+from reverie.stages.dream.eval_state import EvalOut, ParentState, banned_ids, group_runs
+from reverie.stages.dream.eval_state import log_lambdas, merge_states  # noqa: F401 - re-exported (stages.dream.epo imports them from here)
+from reverie.stages.dream.gradients import TokenGradients
 
 _ELEMENT_BUDGET = 1 << 27   # logits elements per forward pass (512 MiB fp32) before OOM adaptation
 
 
-@dataclass
-class EvalOut:
-    """Evaluation of B prompts.
-
-    Attributes:
-        act: [B] float32, objective f(t).
-        ce: [B] float32, mean CE over the scored optimized tokens, nats/token.
-        values: [B, n + Q] float32, per-token objective at positions P … T−1.
-        ce_terms: [B, n] float32, per-token CE of each optimized token (0 where unscored).
-    """
-
-    act: torch.Tensor
-    ce: torch.Tensor
-    values: torch.Tensor
-    ce_terms: torch.Tensor
-
-    @staticmethod
-    def cat(parts: list["EvalOut"]) -> "EvalOut":
-        return EvalOut(*(torch.cat([getattr(p, f) for p in parts]) for f in ("act", "ce", "values", "ce_terms")))
-
-    def index(self, idx: torch.Tensor) -> "EvalOut":
-        return EvalOut(self.act[idx], self.ce[idx], self.values[idx], self.ce_terms[idx])
-
-
-@dataclass
-class ParentState:
-    """What the cached path keeps per population slot (all on the model's device).
-
-    Attributes:
-        tokens: [M, n] int64 optimized tokens.
-        logprobs: [M, n, V] float32; row j = log p(· | the parent's tokens before optimized
-            position j) (zeros = uniform for j = 0 when P = 0).
-        values / ce_terms: [M, n + Q] / [M, n], as in :class:`EvalOut`.
-        kv: per layer (keys, values) [M, T, n_kv_heads, d_head] (keys after rotary for the lean
-            forward and the bridge, before it for transformer_lens's HookedTransformer); None on
-            the plain path.
-    """
-
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
-    values: torch.Tensor
-    ce_terms: torch.Tensor
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
-
-
-def banned_ids(subject: Subject, banned_tokens: list[str]) -> set[int]:
-    """Token ids that may never enter a prompt: special tokens, ids outside the tokenizer, and the
-    ban-list (a string matches an id whose vocabulary string or decoded text equals it).
-
-    Raises:
-        ConfigError: a ban-list string matches no token.
-    """
-    tok = subject.tokenizer
-    V = subject.vocab_size
-    out = subject.unusable_ids()
-    if banned_tokens:
-        vocab = tok.convert_ids_to_tokens(list(range(min(len(tok), V))))
-        decoded = [tok.decode([i]) for i in range(min(len(tok), V))]
-        for s in banned_tokens:
-            hits = {i for i, (v, d) in enumerate(zip(vocab, decoded)) if v == s or d == s}
-            if not hits:
-                raise ConfigError(f"dream.banned_tokens: {s!r} is no token of this tokenizer; give a vocabulary string (e.g. {vocab[300]!r}) or a decoded token text")
-            out |= hits
-    return out
-
-
-class PromptEvaluator:
+class PromptEvaluator(TokenGradients):
     """Evaluates f(t) and CE(t) for batches of optimized-token prompts on the model's device.
 
     Args:
@@ -414,52 +339,6 @@ class PromptEvaluator:
 
         return self._batched(kids.shape[0], self.T - start, run)
 
-    def gradients(self, opt: torch.Tensor, lambdas: torch.Tensor, group: np.ndarray | None = None) -> tuple[torch.Tensor, EvalOut, ParentState]:
-        """Token gradients of L_λ(t) = f(t)/s − λ·CE(t) w.r.t. the one-hot prompt (paper §2, step 2a;
-        s = the row's objective scale, 1 by default).
-
-        Args:
-            opt: [S, n] int64 prompts; lambdas: [S] float λ of each row.
-            group: [S] host ints, objective index of each row (None with one objective).
-        Returns:
-            ``(grad [S, n, V] float32, EvalOut, ParentState of these rows)``; f in EvalOut is
-            unscaled; keys/values are recorded (detached) when ``prefix_cache``.
-        """
-        opt = opt.to(self.device)
-        S, n = opt.shape
-        group = self._groups(group, S)
-        onehot = torch.nn.functional.one_hot(opt, self.V).float().requires_grad_(True)
-        cached = self.prefix_cache
-        start = self.P if cached else 0
-        with torch.enable_grad():
-            if cached:
-                past = [(k.expand(S, -1, -1, -1), v.expand(S, -1, -1, -1)) for k, v in self._prefix_kv] if self._prefix_kv else None
-                acts, resid, kv = self._run(self.full(opt)[:, start:], start, past, record_kv=True, onehot=onehot)
-            else:
-                acts, resid, kv = self._run(self.full(opt), 0, None, onehot=onehot)
-            values = self.per_token(acts[:, self.P - start:], group)
-            j_lo = max(start - self.P + 1, 0)          # first j predicted inside this run
-            parts, lps = [], []
-            if j_lo > 0:   # j = 0 predicted by the (constant) prefix: linear in the one-hot
-                parts.append(-(onehot[:, 0] * self._prefix_logprobs).sum(-1, keepdim=True))
-                lps.append(self._prefix_logprobs.expand(S, 1, -1))
-            if j_lo < n:
-                i0 = self.P + j_lo - 1 - start
-                lp = torch.log_softmax(self._logits(resid[:, i0:i0 + n - j_lo]), dim=-1)
-                parts.append(-(onehot[:, j_lo:] * lp).sum(-1))
-                lps.append(lp)
-            ce_terms = torch.cat(parts, dim=1) * self.scored
-            act = self.reduce(values, group)
-            ce = ce_terms.sum(-1) / self.n_scored
-            scale = self.scales[torch.as_tensor(group, device=self.device)]
-            loss = (act / scale - lambdas.to(act.dtype) * ce).sum()
-            (grad,) = torch.autograd.grad(loss, onehot)
-        out = EvalOut(act.detach(), ce.detach(), values.detach(), ce_terms.detach())
-        logprobs = torch.cat(lps, dim=1).detach()
-        state = ParentState(tokens=opt, logprobs=logprobs, values=out.values, ce_terms=out.ce_terms,
-                            kv=[(k.detach(), v.detach()) for k, v in kv] if kv is not None else None)
-        return grad, out, state
-
     @torch.no_grad()
     def details(self, opt: torch.Tensor, group: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token objective over the optimized positions [B, n] and each latent's value at the
@@ -476,25 +355,3 @@ class PromptEvaluator:
         else:
             pos = torch.full((opt.shape[0],), per.shape[1] - 1, device=self.device, dtype=torch.long)
         return per[:, : self.n], lat[torch.arange(opt.shape[0], device=self.device), pos]
-
-
-def merge_states(old: ParentState, new: ParentState, rows: torch.Tensor) -> ParentState:
-    """``old`` with slots ``rows`` replaced by ``new``'s rows (same order)."""
-
-    def put(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = a.clone()
-        a[rows] = b
-        return a
-
-    kv = None
-    if old.kv is not None and new.kv is not None:
-        kv = [(put(k0, k1), put(v0, v1)) for (k0, v0), (k1, v1) in zip(old.kv, new.kv)]
-    return ParentState(tokens=put(old.tokens, new.tokens), logprobs=put(old.logprobs, new.logprobs),
-                       values=put(old.values, new.values), ce_terms=put(old.ce_terms, new.ce_terms), kv=kv)
-
-
-def log_lambdas(lmin: float, lmax: float, m: int, device: torch.device) -> torch.Tensor:
-    """λ_i log-spaced from ``lmin`` to ``lmax`` (paper §3: log λ_i uniform on [log 0.1, log 10])."""
-    if m == 1:
-        return torch.tensor([lmin], device=device)
-    return torch.logspace(math.log10(lmin), math.log10(lmax), m, device=device)
