@@ -3,7 +3,7 @@ models with their real architecture configs (tests/realshapes.py), each with a r
 at a residual hook, through targets → scan → dream (few tokens, few iterations).
 
 Gemma-3 loads from a local folder although transformer_lens 3.x converts it only by hub name
-(sae_targets.loading._gemma3_cfg); NeoX has d_vocab 50,304 > the tokenizer's 50,277 ids, and no
+(sae_targets.model_setup._gemma3_cfg); NeoX has d_vocab 50,304 > the tokenizer's 50,277 ids, and no
 dream may hold a padding id. Gemma-3 runs EPO on transformer_lens's forward (the lean forward does
 not cover local attention); NeoX runs on the lean forward (parallel attention + MLP), which gives
 transformer_lens's numbers.
