@@ -59,7 +59,7 @@ def gpt2_setup(max_tokens: int, batch_size: int) -> tuple[ReverieConfig, Subject
 
 def same_batches(cfg: ReverieConfig, subject: Subject) -> tuple[list[torch.Tensor], int]:
     """The scan's padded batches (pre-tokenized) and their corpus-token count."""
-    body0 = 1 if subject.prepend_bos else 0
+    body0 = subject.n_bos
     pad = subject.tokenizer.pad_token_id or 0
     batches, seen, cur = [], 0, []
     for c in iter_contexts(subject, iter_documents(cfg.scan.corpus), context_size(cfg, subject)):

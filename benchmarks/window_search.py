@@ -60,7 +60,7 @@ def main() -> None:
     targets, _ = select_targets(subject, cfg.targets, cfg.scan.corpus)
     objectives = [build_objective(subject.sae, t, cfg.targets) for t in targets]
     n = cfg.dream.n_tokens
-    body0 = 1 if subject.prepend_bos and subject.bos_id is not None else 0
+    body0 = subject.n_bos
 
     t0 = time.perf_counter()
     with Store(cfg.project.path) as store:

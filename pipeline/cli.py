@@ -390,12 +390,12 @@ def report(
     """Write a run's static HTML report (index + one page per latent, plots as PNG) and print where index.html is."""
     from reverie.pipeline.store import Store
     from reverie.reports.render import render_reports
-    from reverie.stages.compare import latest_run_with_dreams
+    from reverie.pipeline.lookup import latest_run
 
     check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir})
     with Store(cfg.project.path, read_only=True) as store:
-        run = run or latest_run_with_dreams(store)
+        run = run or latest_run(store, having="dreams")
         if run is None:
             raise ReverieError(f"no run with dreams in {store.path}; run `reverie dream` or `reverie nightly` first, or pass --run")
         index = render_reports(cfg, store, run, out)
@@ -637,20 +637,21 @@ def compare(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     run: Optional[str] = typer.Option(None, "--run", help="Run id (default: the latest run with dreams)."),
-    scan: Optional[str] = typer.Option(None, "--scan", help="Scan id (default: the newest finished scan covering the run's latents)."),
+    scan: Optional[str] = typer.Option(None, "--scan", help="Scan id (default: the scan the run's comparisons used, else the newest finished scan of its model, SAE and hook point covering its latents)."),
     project_dir: Optional[str] = ProjectOpt,
 ) -> None:
     """Compare a run's dreams with the scan's dataset examples; store and print the table."""
     from reverie.pipeline.store import Store
-    from reverie.stages.compare import format_table, latest_run_with_dreams, run_compare, scan_for_run
+    from reverie.pipeline.lookup import latest_run, scan_for
+    from reverie.stages.compare import format_table, run_compare
 
     check_run_option(run)
     cfg = build_config(config, set_, **{"project.dir": project_dir})
     with Store(cfg.project.path) as store:
-        run_id = run or latest_run_with_dreams(store)
+        run_id = run or latest_run(store, having="dreams")
         if run_id is None:
             raise ReverieError(f"no run with dreams in {store.path}; run `reverie dream` first or pass --run")
-        scan_id = scan or scan_for_run(store, run_id)
+        scan_id = scan or scan_for(store, run_id)
         if scan_id is None:
             raise ReverieError(f"no finished scan covers the targets of run {run_id}; run `reverie scan` with the same targets, or pass --scan")
         rows = run_compare(cfg, store, run_id, scan_id)

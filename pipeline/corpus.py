@@ -15,7 +15,7 @@ from typing import Iterator
 
 from reverie.pipeline.config import CorpusConfig
 from reverie.pipeline.errors import LoadError
-from reverie.pipeline.hub import check_hub_reachable, hub_offline, offline_error
+from reverie.pipeline.hub import check_hub_reachable, hub_errors
 from reverie.pipeline.paths import expand
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -210,12 +210,8 @@ def _iter_hub(cfg: CorpusConfig, skip: int, stats: CorpusStats | None = None, on
     fix = "Set scan.corpus.path to a local .jsonl/.parquet/.txt corpus (e.g. '{shared}/corpora/tinystories-train.jsonl'), or run online."
     what = f"dataset {cfg.hf_dataset!r}"
     check_hub_reachable(what, fix, datasets=True)
-    try:
+    with hub_errors(what, fix, datasets=True):
         ds = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split, streaming=True)
-    except Exception as e:  # noqa: BLE001
-        if hub_offline(datasets=True):
-            raise offline_error(what, fix, e) from None
-        raise LoadError(f"cannot stream {what}: {type(e).__name__}: {e}") from None
     if skip:
         ds = ds.skip(skip)
     for row in ds:

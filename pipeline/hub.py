@@ -11,8 +11,10 @@ the libraries, ``huggingface_hub`` reads these variables once, when it is first 
 from __future__ import annotations
 
 import concurrent.futures
+from contextlib import contextmanager
+from typing import Iterator
 
-from reverie.pipeline.errors import OfflineError
+from reverie.pipeline.errors import LoadError, OfflineError, ReverieError
 
 
 def hub_offline(datasets: bool = False) -> bool:
@@ -85,3 +87,30 @@ def offline_error(what: str, fix: str, err: Exception) -> OfflineError:
     """The error for a hub resource requested in offline mode that is not in the local cache
     (returned, not raised; the caller raises it ``from`` ``err``)."""
     return OfflineError(f"{what} is not available offline (HF_HUB_OFFLINE is set and it is not in the local cache: {type(err).__name__}). {fix}")
+
+
+@contextmanager
+def hub_errors(what: str, fix: str, datasets: bool = False) -> Iterator[None]:
+    """Word any failure of a hub download inside the block as reverie's error (raised ``from None``).
+
+    A :class:`ReverieError` passes through unchanged. In offline mode the failure is
+    :func:`offline_error` (not in the local cache); otherwise :class:`LoadError` naming ``what``,
+    the exception's type and message. Used around ``from_pretrained`` (model, registry SAE) and
+    ``load_dataset`` (hub corpus), after :func:`check_hub_reachable`.
+
+    Args:
+        what: the resource, for the message (e.g. "model 'gpt2-small'").
+        fix: the sentence that says how to do without the hub (offline mode only).
+        datasets: the resource is a dataset (``HF_DATASETS_OFFLINE`` counts too).
+    Raises:
+        OfflineError: the block failed in offline mode.
+        LoadError: the block failed otherwise.
+    """
+    try:
+        yield
+    except ReverieError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the libraries raise anything (HTTP, OS, value, key errors)
+        if hub_offline(datasets=datasets):
+            raise offline_error(what, fix, e) from None
+        raise LoadError(f"cannot load {what} from the hub: {type(e).__name__}: {e}") from None

@@ -1,9 +1,10 @@
-"""Everything a report page needs, read from the Store into plain dataclasses.
+"""Everything a report page needs, read from the Store into the plain dataclasses of :mod:`reports.views`.
 
 The report reads, never writes. The SQL migrations are the contract (``pipeline/migrations``:
 0001 runs/targets/units, 0002 dream, 0003 scan, 0004 compare, 0005 explain); any stage may not
 have run yet, and an older database may lack the later tables, so every loader returns empty
-values (``None`` / ``[]``) for what is missing instead of failing.
+values (``None`` / ``[]``) for what is missing instead of failing. Which scan serves a target is
+:func:`pipeline.lookup.scan_choice` (the same rule as compare and explain).
 
 Values keep the store's units: activations are the objective's value (the SAE latent quantity
 the targets section chose, e.g. pre-activation), cross-entropy (CE) is in nats/token,
@@ -12,401 +13,19 @@ densities are log10 firing frequencies.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.lookup import scan_choice
 from reverie.pipeline.store import Store
-from reverie.reports.ledger import Cost, run_cost, target_cost
+from reverie.reports.ledger import run_cost, target_cost
+from reverie.reports.views import (  # noqa: F401 - the read models, importable from here too
+    EXPLANATION_PREFERENCE, AttributionToken, Comparison, CompareSummary, DataWindow, DreamPromptView, DreamRun, ExampleView,
+    ExplanationView, HistoryPoint, LatentScan, RunData, RunInfo, ScanInfo, ScoreView, TargetData, UnitInfo,
+)
 from reverie.sae_targets.spec import Baseline
-
-#: preference order of explanation sources for the index's one-line summary
-EXPLANATION_PREFERENCE = ("both", "dataset", "dreams")
-
-
-# ---------------------------------------------------------------------------- dataclasses
-@dataclass
-class RunInfo:
-    """One row of ``runs`` plus what the report derives from it."""
-
-    run_id: str
-    kind: str
-    status: str
-    started_at: dt.datetime | None
-    ended_at: dt.datetime | None
-    wall_s: float | None
-    code_version: str
-    config_hash: str
-    config: dict[str, Any]
-    summary: dict[str, Any]
-    neuronpedia_id: str | None = None
-
-    @property
-    def config_text(self) -> str:
-        """The effective configuration as indented JSON."""
-        return json.dumps(self.config, indent=2, sort_keys=True)
-
-    def config_value(self, dotted: str, default: Any = None) -> Any:
-        """A value of the run's stored configuration by dotted key ('compare.ce_limit')."""
-        cur: Any = self.config
-        for k in dotted.split("."):
-            if not isinstance(cur, dict) or k not in cur:
-                return default
-            cur = cur[k]
-        return cur
-
-
-@dataclass
-class UnitInfo:
-    """One ``units`` row: a stage's outcome for a target ('*' = run-level)."""
-
-    stage: str
-    target_id: str
-    status: str
-    wall_s: float | None
-    error: str | None
-
-
-@dataclass
-class AttributionToken:
-    """Token attribution at one optimized position (paper Fig. 1).
-
-    ``drop_worst``: activation drop from the worst of the top-k gradient substitutions;
-    ``drop_best``: drop from the best alternative (small or negative = the token is replaceable).
-    ``replacements``: ``(token, activation)`` pairs, best first.
-    """
-
-    position: int
-    token: str
-    drop_worst: float
-    drop_best: float
-    replacements: list[tuple[str, float]]
-
-
-@dataclass
-class DreamPrompt:
-    """A Pareto-frontier prompt of one EPO seed (``dream_prompts``)."""
-
-    dream_id: str
-    seed: int
-    idx: int
-    tokens: list[str]
-    text: str
-    activation: float
-    ce: float
-    perplexity: float
-    lam: float | None
-    iteration: int
-    token_acts: list[float] | None
-    latent_acts: list[float] | None
-    attribution: list[AttributionToken] | None = None
-    ce_rest: float | None = None  # CE without the first token (nats/token), when the dream stage stores it
-    n_tokens: int | None = None
-
-
-@dataclass
-class DreamRun:
-    """One EPO run (``dream_runs``)."""
-
-    dream_id: str
-    seed: int
-    objective: str
-    n_iterations: int
-    n_candidates: int
-    wall_s: float
-    config: dict[str, Any]
-    objective_key: str | None = None
-    stop_reason: str | None = None
-    objective_scale: str | None = None  # what EPO divided the objective by (dream_runs.objective_scale, migration 0008), when stored
-
-
-@dataclass
-class HistoryPoint:
-    """A frontier point recorded at an iteration (``dream_history``), for Fig. 2b."""
-
-    seed: int
-    iteration: int
-    activation: float
-    ce: float
-
-
-@dataclass
-class Example:
-    """A dataset example (``scan_examples``) of one latent: shown tokens and their activations."""
-
-    latent: int
-    kind: str
-    rank: int
-    bin: int | None
-    tokens: list[str]
-    acts: list[float]
-    max_act: float
-    max_pos: int
-    window_ce: float | None
-    window_act: float | None
-    window_ce_rest: float | None = None
-
-
-@dataclass
-class DataWindow:
-    """A searched matched-length dataset window fed alone after BOS (``scan_windows``): on the
-    dataset's Pareto frontier under CE over all tokens and/or CE without the first token."""
-
-    tokens: list[str]
-    act: float
-    ce: float
-    ce_rest: float | None
-    latent: int
-    context_idx: int
-    end_pos: int
-    latent_acts: list[float] | None
-    frontier_all: bool
-    frontier_rest: bool
-
-
-@dataclass
-class ScanInfo:
-    """A corpus scan (``scans``) the target's dataset side comes from."""
-
-    scan_id: str
-    status: str
-    tokens_seen: int
-    n_contexts: int
-    window_len: int | None
-    ce_mean: float | None
-    ce_std: float | None
-    in_dist_threshold: float | None
-    corpus: dict[str, Any]
-    created_at: dt.datetime | None
-    chosen_by: str  # 'comparison' | 'latest covering scan'
-    bands: dict[str, dict[str, float | None]] = field(default_factory=dict)  # convention ('all'|'rest') → p10, p50, mean, std, in_dist
-    corpus_counts: dict[str, int] = field(default_factory=dict)  # scans.corpus_* (issue 16): documents, bad_lines, no_text, bad_bytes, cleaned_chars
-
-    @property
-    def corpus_note(self) -> str | None:
-        """What reading the corpus skipped or repaired, e.g. '2,000 documents read; 3 skipped (…)'; None for scans before issue 16."""
-        c = self.corpus_counts
-        if not c:
-            return None
-        parts = [f"{c.get('documents', 0):,} documents used"]
-        skipped = c.get("bad_lines", 0) + c.get("no_text", 0)
-        parts.append(f"{skipped:,} skipped ({c.get('bad_lines', 0):,} unparsable lines, {c.get('no_text', 0):,} without text)")
-        parts.append(f"{c.get('bad_bytes', 0):,} invalid UTF-8 bytes replaced")
-        parts.append(f"{c.get('cleaned_chars', 0):,} control characters / lone surrogates cleaned")
-        return "; ".join(parts)
-
-    @property
-    def corpus_label(self) -> str:
-        """Where the scan read text: the hub dataset, the local path, or its files' names."""
-        c = self.corpus
-        if c.get("hf_dataset"):
-            return f"{c['hf_dataset']} ({c.get('hf_split', 'train')})"
-        if c.get("path"):
-            return str(c["path"])
-        files = [f.get("path", "") for f in c.get("files", []) if isinstance(f, dict)]
-        if files:
-            return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-        return json.dumps(c, sort_keys=True) if c else "unknown corpus"
-
-
-@dataclass
-class LatentScan:
-    """What the scan found for one latent: density, histogram, top-k and quantile examples."""
-
-    latent: int
-    n_tokens: int | None = None
-    n_firing: int | None = None
-    density: float | None = None
-    max_act: float | None = None
-    mean_act: float | None = None
-    hist_edges: list[float] | None = None
-    hist_counts: list[int] | None = None
-    top: list[Example] = field(default_factory=list)
-    quantiles: list[Example] = field(default_factory=list)
-    window_max: float | None = None  # best matched-length window fed alone (searched)
-    n_windows_searched: int | None = None
-    n_contexts_searched: int | None = None
-    n_short_contexts: int | None = None
-
-
-@dataclass
-class Comparison:
-    """Dreams vs dataset for a target (``comparisons``)."""
-
-    scan_id: str
-    dream_max: float | None
-    data_max: float | None
-    ratio: float | None
-    dream_best_ce_limit: float | None
-    data_best_ce_limit: float | None
-    dream_best_in_dist: float | None
-    data_best_in_dist: float | None
-    dream_z: float | None
-    data_z: float | None
-    n_beating: int | None
-    attribution_overlap: float | None
-    beats_data: bool | None
-    beats_data_in_dist: bool | None
-    metrics: dict[str, Any]
-    ce_convention: str | None = None
-    data_best_act: float | None = None
-    data_best_ce: float | None = None
-    dream_at_data_ce: float | None = None
-    dream_at_data_ce_ce: float | None = None
-    dominates: bool | None = None
-    frontier_dominated: float | None = None
-    n_data_frontier: int | None = None
-    verdict: str | None = None
-    in_dist_state: str | None = None
-    data_max_in_context: float | None = None
-    is_combination: bool | None = None
-
-
-@dataclass
-class Score:
-    """A detection score of an explanation (``explain_scores``)."""
-
-    holdout_set: str
-    baseline: bool
-    metric: str
-    value: float
-    n: int
-    scorer: str = "detection"          # 'detection' | 'fuzzing'
-    ci_low: float | None = None        # 95% interval
-    ci_high: float | None = None
-    n_pos: int | None = None
-    n_neg: int | None = None
-    n_pos_wanted: int | None = None    # what the settings asked for (more than n_pos: the data held fewer)
-    n_neg_wanted: int | None = None
-    n_hard_neg: int | None = None
-
-
-@dataclass
-class Explanation:
-    """An LLM explanation of a target and its scores (``explanations``)."""
-
-    explanation_id: str
-    source: str
-    model: str
-    text: str
-    scores: list[Score]
-
-    def score_table(self) -> list[dict[str, Any]]:
-        """Rows ``{holdout_set, metric, value, baseline, n}``: this explanation's score and the
-        score of another latent's explanation on the same held-out set (None when absent)."""
-        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for s in self.scores:
-            r = rows.setdefault((s.holdout_set, s.scorer, s.metric), {
-                "holdout_set": s.holdout_set, "scorer": s.scorer, "metric": s.metric, "value": None, "baseline": None, "n": s.n,
-                "ci": None, "baseline_ci": None, "n_pos": None, "n_neg": None, "wanted": None, "n_hard_neg": None, "short": False})
-            r["baseline" if s.baseline else "value"] = s.value
-            r["baseline_ci" if s.baseline else "ci"] = (s.ci_low, s.ci_high) if s.ci_low is not None else None
-            if not s.baseline:
-                r.update(n=s.n, n_pos=s.n_pos, n_neg=s.n_neg, n_hard_neg=s.n_hard_neg,
-                         wanted=(s.n_pos_wanted, s.n_neg_wanted) if s.n_pos_wanted else None,
-                         short=bool(s.n_pos_wanted and ((s.n_pos or 0) < s.n_pos_wanted or (s.n_neg or 0) < (s.n_neg_wanted or 0))))
-        return [rows[k] for k in sorted(rows)]
-
-
-@dataclass
-class TargetData:
-    """Everything one latent (or combination) page shows."""
-
-    target_id: str
-    latents: list[int]
-    combine: str | None
-    log10_density: list[float | None]
-    density_source: str | None
-    model_key: str
-    sae_key: str
-    hook_name: str
-    units: list[UnitInfo] = field(default_factory=list)
-    dream_runs: list[DreamRun] = field(default_factory=list)
-    prompts: list[DreamPrompt] = field(default_factory=list)  # all seeds; order_dreams: winners by CE, then the rest by CE
-    history: list[HistoryPoint] = field(default_factory=list)
-    comparison: Comparison | None = None
-    scan: ScanInfo | None = None
-    latent_scans: list[LatentScan] = field(default_factory=list)
-    baselines: list[Baseline] = field(default_factory=list)
-    objective_windows: list[tuple[float, float]] = field(default_factory=list)  # combination: (window CE, objective) of dataset windows
-    data_windows: list[DataWindow] = field(default_factory=list)  # the searched dataset frontier of the target's objective
-    explanations: list[Explanation] = field(default_factory=list)
-    explain_failures: list[tuple[str, str]] = field(default_factory=list)
-    cost: Cost = field(default_factory=Cost)               # reports.ledger: seconds, candidates, LLM tokens and USD
-    extra_seeds: list[tuple[int | None, str, str]] = field(default_factory=list)  # (seed, status, reason) of the budget allocation
-
-    @property
-    def seed_spread(self) -> tuple[int, float, float] | None:
-        """(seeds, lowest and highest best activation over them) of the merged frontier; None without dreams."""
-        best: dict[int, float] = {}
-        for p in self.prompts:
-            best[p.seed] = max(best.get(p.seed, float("-inf")), p.activation)
-        return (len(best), min(best.values()), max(best.values())) if best else None
-
-    @property
-    def is_combination(self) -> bool:
-        return len(self.latents) > 1
-
-    @property
-    def dream_max(self) -> float | None:
-        """Comparison's dream max, else the best frontier activation, else None."""
-        if self.comparison and self.comparison.dream_max is not None:
-            return self.comparison.dream_max
-        return max((p.activation for p in self.prompts), default=None)
-
-    @property
-    def data_max(self) -> float | None:
-        """Comparison's dataset max (window fed alone); None without a comparison."""
-        return self.comparison.data_max if self.comparison else None
-
-    def unit(self, stage: str) -> UnitInfo | None:
-        """This target's unit of a stage, else the run-level ('*') one."""
-        own = [u for u in self.units if u.stage == stage and u.target_id == self.target_id]
-        run = [u for u in self.units if u.stage == stage and u.target_id == "*"]
-        return (own or run or [None])[0]
-
-    def summary_explanation(self) -> Explanation | None:
-        """The explanation shown on the index (source order: both, dataset, dreams)."""
-        for src in EXPLANATION_PREFERENCE:
-            for e in self.explanations:
-                if e.source == src:
-                    return e
-        return self.explanations[0] if self.explanations else None
-
-
-@dataclass
-class CompareSummary:
-    """Batch summary of the compare stage (``compare_summary``)."""
-
-    n_targets: int
-    frac_beats: float | None
-    frac_beats_in_dist: float | None
-    ce_mean: float | None
-    ce_std: float | None
-    in_dist_threshold: float | None
-    ce_convention: str | None = None
-    n_single: int | None = None
-    n_dominance_known: int | None = None
-    n_dominates: int | None = None
-    frac_dominates: float | None = None
-    ce_p10: float | None = None
-    ce_p50: float | None = None
-
-
-@dataclass
-class RunData:
-    """A whole run: its metadata, every target, and the batch summary."""
-
-    run: RunInfo
-    targets: list[TargetData]
-    compare_summary: CompareSummary | None
-    units: list[UnitInfo]
-    failures: list[tuple[str, str]] = field(default_factory=list)  # run-level explain failures (what, why)
-    cost: Cost = field(default_factory=Cost)                     # the run's total (every target + run-level units)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -460,21 +79,6 @@ def neuronpedia_id_for(store: Store, run_id: str, summary: dict[str, Any]) -> st
 
 
 # ---------------------------------------------------------------------------- loaders
-def latest_run_id(store: Store) -> str:
-    """The most recently started run that has targets (else the most recent run).
-
-    Raises:
-        ReverieError: the database has no runs.
-    """
-    row = store.fetch_one(
-        "SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM targets t WHERE t.run_id = r.run_id) "
-        "ORDER BY r.started_at DESC LIMIT 1"
-    ) or store.fetch_one("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
-    if not row:
-        raise ReverieError(f"no runs in {store.path}: run `reverie targets` (or `reverie nightly`) first")
-    return row["run_id"]
-
-
 def load_run_info(store: Store, run_id: str) -> RunInfo:
     """Read one run's metadata.
 
@@ -493,29 +97,16 @@ def load_run_info(store: Store, run_id: str) -> RunInfo:
     )
 
 
-def _find_scan(rd: _Reader, target: dict[str, Any], scan_id: str | None) -> ScanInfo | None:
-    """The comparison's scan, else the latest 'done' scan of the same model, SAE and hook point
-    whose latents cover the target's."""
-    if scan_id:
-        rows = rd.rows("scans", "SELECT * FROM scans WHERE scan_id = ?", [scan_id])
-        how = "comparison"
-    else:
-        rows = [
-            r for r in rd.rows(
-                "scans",
-                "SELECT * FROM scans WHERE status = 'done' AND model_key = ? AND sae_key = ? AND hook_name = ? ORDER BY updated_at DESC",
-                [target["model_key"], target["sae_key"], target["hook_name"]],
-            )
-            if set(target["latents"]) <= set(r["latents"] or [])
-        ][:1]
-        how = "latest covering scan"
+def _scan_info(rd: _Reader, scan_id: str, chosen_by: str) -> ScanInfo | None:
+    """The ``scans`` row ``scan_id`` as the page shows it; None when the row is missing."""
+    rows = rd.rows("scans", "SELECT * FROM scans WHERE scan_id = ?", [scan_id])
     if not rows:
         return None
     r = rows[0]
     return ScanInfo(
         scan_id=r["scan_id"], status=r["status"], tokens_seen=int(r["tokens_seen"]), n_contexts=int(r["n_contexts"]),
         window_len=r["window_len"], ce_mean=r["ce_mean"], ce_std=r["ce_std"], in_dist_threshold=r["in_dist_threshold"],
-        corpus=_json(r["corpus_json"]), created_at=r["created_at"], chosen_by=how,
+        corpus=_json(r["corpus_json"]), created_at=r["created_at"], chosen_by=chosen_by,
         bands={"all": {"p10": r.get("ce_p10"), "p50": r.get("ce_p50"), "mean": r["ce_mean"], "std": r["ce_std"], "in_dist": r["in_dist_threshold"]},
                "rest": {"p10": r.get("ce_rest_p10"), "p50": r.get("ce_rest_p50"), "mean": r.get("ce_rest_mean"), "std": r.get("ce_rest_std"),
                         "in_dist": r.get("ce_rest_in_dist_threshold")}},
@@ -524,8 +115,8 @@ def _find_scan(rd: _Reader, target: dict[str, Any], scan_id: str | None) -> Scan
     )
 
 
-def _example(r: dict[str, Any]) -> Example:
-    return Example(
+def _example(r: dict[str, Any]) -> ExampleView:
+    return ExampleView(
         latent=int(r["latent"]), kind=r["kind"], rank=int(r["rank"]), bin=r["bin"], tokens=list(r["tokens"]),
         acts=_floats(r["acts"]) or [], max_act=float(r["max_act"]), max_pos=int(r["max_pos"]),
         window_ce=r["window_ce"], window_act=r["window_act"], window_ce_rest=r.get("window_ce_rest"),
@@ -575,7 +166,7 @@ def _dreams(rd: _Reader, td: TargetData, run_id: str) -> None:
             AttributionToken(position=int(r["position"]), token=r["token"], drop_worst=float(r["drop_worst"]),
                              drop_best=float(r["drop_best"]), replacements=reps))
     td.prompts = [
-        DreamPrompt(
+        DreamPromptView(
             dream_id=r["dream_id"], seed=_seed_of(r["dream_id"], seeds), idx=int(r["idx"]), tokens=list(r["tokens"]),
             text=r["text"], activation=float(r["activation"]), ce=float(r["ce"]), perplexity=float(r["perplexity"]),
             lam=r["lam"], iteration=int(r["iteration"]), token_acts=_floats(r["token_acts"]),
@@ -598,11 +189,11 @@ def _comparison(r: dict[str, Any]) -> Comparison:
 def _explanations(rd: _Reader, td: TargetData, run_id: str) -> None:
     rows = rd.rows("explanations", "SELECT * FROM explanations WHERE run_id = ? AND target_id = ? ORDER BY source, created_at", [run_id, td.target_id])
     for r in rows:
-        scores = [Score(holdout_set=s["holdout_set"], baseline=bool(s["baseline"]), metric=s["metric"], value=float(s["value"]), n=int(s["n"]),
+        scores = [ScoreView(holdout_set=s["holdout_set"], baseline=bool(s["baseline"]), metric=s["metric"], value=float(s["value"]), n=int(s["n"]),
                         scorer=s.get("scorer") or "detection", ci_low=s.get("ci_low"), ci_high=s.get("ci_high"), n_pos=s.get("n_pos"),
                         n_neg=s.get("n_neg"), n_pos_wanted=s.get("n_pos_wanted"), n_neg_wanted=s.get("n_neg_wanted"), n_hard_neg=s.get("n_hard_neg"))
                   for s in rd.rows("explain_scores", "SELECT * FROM explain_scores WHERE explanation_id = ?", [r["explanation_id"]])]
-        td.explanations.append(Explanation(explanation_id=r["explanation_id"], source=r["source"], model=r["model"], text=r["text"], scores=scores))
+        td.explanations.append(ExplanationView(explanation_id=r["explanation_id"], source=r["source"], model=r["model"], text=r["text"], scores=scores))
     td.explain_failures = [(r["what"], r["why"]) for r in rd.rows(
         "explain_failures", "SELECT what, why FROM explain_failures WHERE run_id = ? AND target_id = ? ORDER BY created_at", [run_id, td.target_id])]
 
@@ -630,7 +221,8 @@ def load_target(store: Store, run_id: str, target_id: str, n_top: int = 20, n_pe
     _dreams(rd, td, run_id)
     comp = rd.rows("comparisons", "SELECT * FROM comparisons WHERE run_id = ? AND target_id = ?", [run_id, target_id])
     td.comparison = _comparison(comp[0]) if comp else None
-    td.scan = _find_scan(rd, t, td.comparison.scan_id if td.comparison else None)
+    choice = scan_choice(store, run_id, target_id=target_id)
+    td.scan = _scan_info(rd, choice.scan_id, choice.chosen_by) if choice else None
     if td.scan:
         td.latent_scans = [_latent_scan(rd, td.scan.scan_id, lat, n_top, n_per_bin) for lat in td.latents]
         # the dream runs' objective keys when stored, else any objective of this target id
@@ -663,7 +255,7 @@ def load_target(store: Store, run_id: str, target_id: str, n_top: int = 20, n_pe
     return td
 
 
-def dream_beats_dataset(td: TargetData, p: DreamPrompt) -> bool:
+def dream_beats_dataset(td: TargetData, p: DreamPromptView) -> bool:
     """Whether a dream's activation is above the dataset's (window alone, matched length): for one latent,
     above the best searched window; for a combination, every member latent above its own dataset max
     (window alone). False when the dataset side is unknown."""

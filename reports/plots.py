@@ -24,7 +24,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from reverie.reports.data import TargetData  # noqa: E402
+from reverie.reports.views import TargetData  # noqa: E402
 
 DPI = 110
 SIZE = (6.0, 4.0)

@@ -30,11 +30,14 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from reverie.pipeline.config import ReverieConfig
+from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.lookup import latest_run
 from reverie.pipeline.paths import expand
 from reverie.pipeline.store import Store
 from reverie.reports import plots
 from reverie.reports.features import load_panels
-from reverie.reports.data import DreamPrompt, Example, RunData, TargetData, dream_beats_dataset, latest_run_id, load_run
+from reverie.reports.data import dream_beats_dataset, load_run
+from reverie.reports.views import DreamPromptView, ExampleView, RunData, TargetData
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 FIG3_TOP = 64
@@ -171,7 +174,7 @@ class AttrCell:
     title: str
 
 
-def attribution_cells(p: DreamPrompt, zero: float = 0.0) -> list[AttrCell]:
+def attribution_cells(p: DreamPromptView, zero: float = 0.0) -> list[AttrCell]:
     """Attribution view of a frontier prompt: colour = drop_worst, bar height = drop_best,
     both relative to how far the prompt's activation is above ``zero`` (the random-prompt mean:
     a drop to the random level is full colour) and clipped to [0, 1]; tooltip = top replacements."""
@@ -232,7 +235,7 @@ def ppl(ce: Any) -> str:
     return fmt_num(math.exp(ce)) if ce < 700 else "∞"
 
 
-def member_view(td: TargetData, p: DreamPrompt) -> list[dict[str, Any]]:
+def member_view(td: TargetData, p: DreamPromptView) -> list[dict[str, Any]]:
     """Per member latent of a combination dream: its own activation and the ratio to that member's
     own dataset max (matched window fed alone; the in-context max when no window was searched)."""
     out = []
@@ -275,7 +278,7 @@ def _target_view(td: TargetData, cfg: ReverieConfig, run: RunData, out: Path) ->
     for ls in td.latent_scans:
         scale = _scale([e.acts for e in ls.top + ls.quantiles])
 
-        def ex(e: Example) -> dict[str, Any]:
+        def ex(e: ExampleView) -> dict[str, Any]:
             return {"e": e, "cells": token_cells(e.tokens, e.acts, scale, max_pos=e.max_pos)}
 
         latents.append({"ls": ls, "top": [ex(e) for e in ls.top[: cfg.report.examples_shown]], "quantiles": [ex(e) for e in ls.quantiles]})
@@ -313,7 +316,9 @@ def render_reports(cfg: ReverieConfig, store: Store, run_id: str | None, out_dir
     Raises:
         ReverieError: the run does not exist (or the database has no runs).
     """
-    run_id = run_id or latest_run_id(store)
+    run_id = run_id or latest_run(store, having="targets") or latest_run(store)
+    if run_id is None:
+        raise ReverieError(f"no runs in {store.path}: run `reverie targets` (or `reverie nightly`) first")
     out = Path(out_dir).resolve() if out_dir else default_out_dir(cfg, run_id)
     out.mkdir(parents=True, exist_ok=True)
     # the activation-vs-CE plot shows the top FIG3_TOP dataset windows (paper Fig. 3: top 64); tables show fewer

@@ -25,10 +25,6 @@ def _prefixed(subject: Subject, windows: Sequence[Sequence[int]]) -> torch.Tenso
     return torch.tensor([subject.with_bos(list(w)) for w in windows], dtype=torch.long)
 
 
-def _offset(subject: Subject) -> int:
-    return 1 if subject.prepend_bos and subject.bos_id is not None else 0
-
-
 def random_prompts(subject: Subject, n: int, length: int, seed: int = 0) -> torch.Tensor:
     """Prompts of uniformly random allowed tokens, paper §3.5 method 1: the same ids dreams may
     hold (:meth:`Subject.unusable_ids` excluded: special tokens, never-trained padding ids).
@@ -61,7 +57,7 @@ def baselines(subject: Subject, prompts: torch.Tensor, objectives: Sequence[Obje
         one :class:`Baseline` per objective, in order.
     """
     chunks = hook_acts_of_prompts(subject, prompts, batch_size)
-    first = _offset(subject)
+    first = subject.n_bos
     out = []
     for o in objectives:
         with torch.no_grad():

@@ -35,7 +35,7 @@ def iter_contexts(subject: Subject, docs: Iterable[str], context_size: int, min_
     corpus tokens are dropped. Documents are tokenized ``tokenize_batch`` at a time (one call
     into the fast tokenizer per batch), lazily, so streaming stays bounded.
     """
-    body = context_size - (1 if subject.prepend_bos and subject.bos_id is not None else 0)
+    body = context_size - subject.n_bos
     numbered = enumerate(docs, start=doc_offset)
     while chunk := list(itertools.islice(numbered, tokenize_batch)):
         encoded = subject.tokenizer([t for _, t in chunk], add_special_tokens=False)["input_ids"]

@@ -22,7 +22,7 @@ import torch
 from reverie.pipeline.config import ModelConfig, SAEConfig
 from reverie.pipeline.errors import ConfigError, LoadError
 from reverie.pipeline.hashing import MODEL_FILES, SAE_FILES, dir_sha256
-from reverie.pipeline.hub import check_hub_reachable, hub_offline, offline_error
+from reverie.pipeline.hub import check_hub_reachable, hub_errors
 from reverie.pipeline.paths import expand
 from reverie.sae_targets.fit import check_fit
 from reverie.sae_targets.fit import check_latents, precheck_targets  # noqa: F401 - re-exported (the CLI, the orchestrator, stages and tests import them from here)
@@ -69,7 +69,7 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
 
         fix = "Set model.path to a local Hugging Face model directory (e.g. '{shared}/models/tinystories-656k'), or fill the HF cache while online."
         check_hub_reachable(f"model {cfg.name!r}", fix)
-        try:
+        with hub_errors(f"model {cfg.name!r}", fix):
             if cfg.backend == "bridge":  # TransformerBridge in compatibility mode (sae_targets.backend)
                 from reverie.sae_targets.backend import load_bridge
 
@@ -77,10 +77,6 @@ def load_model(cfg: ModelConfig, no_prefix_space: bool = False, model_kwargs: di
             else:
                 with _known_warnings():
                     model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=cfg.device, dtype=dtype, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            if hub_offline():
-                raise offline_error(f"model {cfg.name!r}", fix, e) from None
-            raise LoadError(f"cannot load model {cfg.name!r} from the hub: {e}") from None
         model.eval()
         model.requires_grad_(False)
         return model, model.tokenizer, cfg.name
@@ -182,12 +178,8 @@ def load_sae(cfg: SAEConfig, device: str) -> tuple[Any, str, torch.Tensor | None
     fix = "Set sae.path to a local sae-lens directory (e.g. '{shared}/saes/tinystories-656k-res/jumprelu-2048'), or fill the HF cache while online."
     what = f"SAE {cfg.release}/{cfg.sae_id}"
     check_hub_reachable(what, fix)
-    try:  # from_pretrained folds expected_average_only_in scaling itself (the registry's norm_scaling_factor)
+    with hub_errors(what, fix):  # from_pretrained folds expected_average_only_in scaling itself (the registry's norm_scaling_factor)
         sae, _, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(cfg.release, cfg.sae_id, device=device)
-    except Exception as e:  # noqa: BLE001
-        if hub_offline():
-            raise offline_error(what, fix, e) from None
-        raise LoadError(f"cannot load {what}: {type(e).__name__}: {e}") from None
     from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
 
     factor = get_norm_scaling_factor(cfg.release, cfg.sae_id)  # what from_pretrained folded, if anything

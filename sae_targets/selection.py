@@ -40,8 +40,7 @@ def estimate_log10_density(subject: Subject, corpus: CorpusConfig, n_tokens: int
         if not batch:
             break
         tokens, mask = pad_batch(batch, pad)
-        if subject.prepend_bos:
-            mask[:, 0] = False
+        mask[:, : subject.n_bos] = False
         x = hook_activations(subject, tokens)
         post = latent_activations(subject.sae, x).post
         m = mask.to(post.device)

@@ -163,7 +163,7 @@ def test_bad_byte_bad_lines_and_lone_surrogate_are_skipped_or_cleaned_and_counte
 
 
 def test_scan_stores_the_corpus_counts_and_the_index_shows_them(tmp_path, shared, subject, one_torch_thread):
-    from reverie.reports.data import _find_scan, _Reader
+    from reverie.reports.data import _Reader, _scan_info
     from reverie.sae_targets.selection import Target
     from reverie.stages.scan import run_scan
 
@@ -177,7 +177,7 @@ def test_scan_stores_the_corpus_counts_and_the_index_shows_them(tmp_path, shared
         row = store.fetch_one("SELECT * FROM scans WHERE scan_id = ?", [sid])
         assert row["status"] == "done"
         assert (row["corpus_bad_lines"], row["corpus_no_text"], row["corpus_bad_bytes"], row["corpus_cleaned_chars"]) == (1, 1, 2, 3)
-        info = _find_scan(_Reader(store), {}, sid)
+        info = _scan_info(_Reader(store), sid, "comparison")
     assert "2 skipped (1 unparsable lines, 1 without text); 2 invalid UTF-8 bytes replaced; 3 control characters" in info.corpus_note
 
 

@@ -45,7 +45,7 @@ from reverie.stages.compare.core import (  # noqa: F401 - the package's names
 )
 from reverie.stages.compare.inputs import inputs_from_results, target_inputs  # noqa: F401
 from reverie.stages.compare.result import Comparison, compare_inputs, format_table  # noqa: F401
-from reverie.stages.compare.store import latest_run_with_dreams, load_inputs, run_compare, scan_for_run, write_compare  # noqa: F401
+from reverie.stages.compare.store import load_inputs, run_compare, write_compare  # noqa: F401
 
 
 def compare_results(dreams: Any, scan: Any, config: CompareConfig | None = None) -> Comparison:

@@ -76,26 +76,6 @@ def load_inputs(cfg: ReverieConfig, store: Store, run_id: str, scan_id: str) -> 
     return scan, out
 
 
-def latest_run_with_dreams(store: Store) -> str | None:
-    """The most recently started run that has dream rows, or None."""
-    row = store.fetch_one("SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM dream_runs d WHERE d.run_id = r.run_id) "
-                          "ORDER BY r.started_at DESC LIMIT 1")
-    return row["run_id"] if row else None
-
-
-def scan_for_run(store: Store, run_id: str) -> str | None:
-    """The newest finished scan of the run's SAE whose latents cover all of the run's target latents."""
-    targets = store.fetch("SELECT latents, sae_key, hook_name FROM targets WHERE run_id = ?", [run_id])
-    if not targets:
-        return None
-    need = {int(i) for t in targets for i in t["latents"]}
-    for s in store.fetch("SELECT scan_id, latents FROM scans WHERE status = 'done' AND sae_key = ? AND hook_name = ? ORDER BY updated_at DESC",
-                         [targets[0]["sae_key"], targets[0]["hook_name"]]):
-        if need <= {int(i) for i in s["latents"]}:
-            return s["scan_id"]
-    return None
-
-
 def write_compare(store: Store, run_id: str, scan_id: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Replace the run's ``comparisons`` and ``compare_summary`` rows in one transaction (idempotent)."""
     with store.transaction():

@@ -23,7 +23,6 @@ cache in DuckDB, token usage and cost per call, and a budget cap.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_base
 
 from reverie.pipeline.config import ExplainConfig
+from reverie.pipeline.hashing import content_key
 from reverie.pipeline.store import Store, now
 
 log = logging.getLogger("reverie.explain")
@@ -79,8 +79,7 @@ def storable(text: str) -> str:
 
 def cache_key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of (model, messages, parameters)."""
-    blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return content_key({"model": model, "messages": messages, "params": params}, length=None, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

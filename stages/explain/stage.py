@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from reverie.pipeline.config import ReverieConfig
 from reverie.pipeline.errors import ReverieError
 from reverie.pipeline.hashing import content_seed
+from reverie.pipeline.lookup import latest_run, scan_for
 from reverie.pipeline.store import Store, now
 from reverie.stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
 from reverie.stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
@@ -359,38 +360,6 @@ def write_explain(store: Store, result: ExplainResult) -> None:
         ])
 
 
-# ---------------------------------------------------------------------------- lookups
-def latest_run(store: Store) -> str:
-    """The most recently started run that has targets.
-
-    Raises:
-        ReverieError: no run has targets yet.
-    """
-    row = store.fetch_one("SELECT r.run_id FROM runs r WHERE EXISTS (SELECT 1 FROM targets t WHERE t.run_id = r.run_id) "
-                          "ORDER BY r.started_at DESC LIMIT 1")
-    if row is None:
-        raise ReverieError(f"no run with targets in {store.path}; run `reverie targets` (or the dream and scan stages) first")
-    return row["run_id"]
-
-
-def find_scan(store: Store, run_id: str) -> str | None:
-    """The scan holding a run's dataset examples: the one its comparisons used, else the latest
-    finished scan of the same model, SAE and hook point covering every latent of the run."""
-    row = store.fetch_one("SELECT scan_id FROM comparisons WHERE run_id = ? LIMIT 1", [run_id])
-    if row:
-        return row["scan_id"]
-    t = store.fetch_one("SELECT model_key, sae_key, hook_name FROM targets WHERE run_id = ? LIMIT 1", [run_id])
-    if t is None:
-        return None
-    latents = sorted({int(x) for r in store.fetch("SELECT latents FROM targets WHERE run_id = ?", [run_id]) for x in r["latents"]})
-    row = store.fetch_one(
-        "SELECT scan_id FROM scans WHERE model_key = ? AND sae_key = ? AND hook_name = ? AND status = 'done' "
-        "AND list_has_all(latents, ?::INTEGER[]) ORDER BY updated_at DESC LIMIT 1",
-        [t["model_key"], t["sae_key"], t["hook_name"], latents],
-    )
-    return row["scan_id"] if row else None
-
-
 def _prior_spend(store: Store, run_id: str) -> tuple[int, float]:
     row = store.fetch_one("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, coalesce(sum(cost_usd), 0) AS usd "
                           "FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])
@@ -423,7 +392,7 @@ def run_explain(cfg: ReverieConfig, store: Store, run_id: str | None = None, sca
 
     Args:
         run_id: the run whose targets are explained (None: the latest run with targets).
-        scan_id: the scan with the dataset examples (None: :func:`find_scan`).
+        scan_id: the scan with the dataset examples (None: :func:`pipeline.lookup.scan_for`).
     Returns:
         :class:`ExplainSummary`; ``skipped`` with a one-line ``message`` when disabled or without
         an API key; ``stopped`` when a budget cap or a refused key ended it early.
@@ -435,8 +404,10 @@ def run_explain(cfg: ReverieConfig, store: Store, run_id: str | None = None, sca
         log.info(message)
         return ExplainSummary(run_id, scan_id, cfg.explain.model, True, message)
     t0 = time.perf_counter()
-    run_id = run_id or latest_run(store)
-    scan_id = scan_id or find_scan(store, run_id)
+    run_id = run_id or latest_run(store, having="targets")
+    if run_id is None:
+        raise ReverieError(f"no run with targets in {store.path}; run `reverie targets` (or the dream and scan stages) first")
+    scan_id = scan_id or scan_for(store, run_id)
     e = cfg.explain
     inputs = load_inputs(store, run_id, scan_id, e.n_examples, e.n_holdout, e.n_holdout_negative, e.hard_negative_share)
     if not inputs:

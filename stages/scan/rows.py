@@ -29,7 +29,7 @@ from reverie.stages.scan.cofire import cooccurrence_top
 from reverie.stages.pareto import pareto_mask
 from reverie.stages.scan.search import WindowSet, ce_bands, evaluate_matched, search_contexts
 from reverie.stages.scan.stage import (
-    BASELINE_SEED, N_DECILES, Documents, ScanState, _body0, rank_and_post, scan_pass, scan_settings,
+    BASELINE_SEED, N_DECILES, Documents, ScanState, rank_and_post, scan_pass, scan_settings,
 )
 from reverie.stages.scan.windows import baselines, evaluate_windows, hook_acts_of_prompts, random_prompts
 
@@ -242,7 +242,7 @@ def combo_window_rows(cfg: ReverieConfig, subject: Subject, scan_id: str, combos
                     seen.add(int(ci))
                     owners.append((int(lat), int(r), int(ci)))
                     ctxs.append(ids)
-        ws, _ = search_contexts(subject, ctxs, [obj], cfg.dream.n_tokens, _body0(subject))
+        ws, _ = search_contexts(subject, ctxs, [obj], cfg.dream.n_tokens, subject.n_bos)
         rows += window_rows(subject, scan_id, obj, ws, owners, decode, members=[single_objective(subject, cfg, lat) for lat in t.latents])
     return rows
 
@@ -264,7 +264,7 @@ def random_prompt_rows(cfg: ReverieConfig, subject: Subject, scan_id: str, laten
     if m <= 0:
         return []
     prompts = random_prompts(subject, cfg.scan.baseline_prompts, cfg.dream.n_tokens, BASELINE_SEED)[:m]
-    body0 = _body0(subject)
+    body0 = subject.n_bos
     x = torch.cat(hook_acts_of_prompts(subject, prompts))
     rank, post = [a[:, body0:].float().cpu().numpy() for a in rank_and_post(subject, x, latents, cfg.targets.quantity)]
     objs = [single_objective(subject, cfg, lat) for lat in latents]
@@ -294,7 +294,7 @@ def finish_scan(cfg: ReverieConfig, subject: Subject, scan_id: str, state: ScanS
     """
     t0 = time.perf_counter()
     n = cfg.dream.n_tokens
-    body0 = _body0(subject)
+    body0 = subject.n_bos
     S = cfg.scan.window_search_top
     decode = _Decoder(subject)
     latent_rows, example_rows, w_rows, tops, contexts = [], [], [], {}, {}

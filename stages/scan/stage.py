@@ -28,8 +28,6 @@ the one scan call of the CLI, the nightly and :func:`reverie.scan`); :mod:`~stag
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from tqdm.auto import tqdm
 from reverie.pipeline.config import ReverieConfig
 from reverie.pipeline.corpus import CorpusStats, corpus_identity, iter_documents
 from reverie.pipeline.errors import ReverieError
+from reverie.pipeline.hashing import content_key
 from reverie.sae_targets.activations import check_finite_activations, latent_activations, read_latents
 from reverie.sae_targets.contexts import Context, hook_activations, iter_contexts, pad_batch
 from reverie.sae_targets.loading import Subject
@@ -116,7 +115,7 @@ def scan_key(cfg: ReverieConfig, subject: Subject, latents: Iterable[int] | Iter
     }
     if getattr(subject, "backend", "hooked") != "hooked":   # TransformerBridge: its own scans (hooked keys unchanged)
         blob["backend"] = subject.backend
-    return "scan-" + hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    return "scan-" + content_key(blob)
 
 
 #: a corpus as documents from a start index: ``documents(skip, stats)`` yields the texts of documents
@@ -281,10 +280,6 @@ def update_state(state: ScanState, contexts: list[Context], rank: np.ndarray, po
     state.last_doc, state.last_start = contexts[-1].doc_idx, contexts[-1].start
 
 
-def _body0(subject: Subject) -> int:
-    return 1 if subject.prepend_bos and subject.bos_id is not None else 0
-
-
 def _context_stream(cfg: ReverieConfig, subject: Subject, state: ScanState, documents: Documents) -> Iterator[Context]:
     """Contexts after the state's resume point (the whole corpus for a fresh state)."""
     first_doc = max(state.last_doc, 0)
@@ -357,7 +352,7 @@ def scan_pass(cfg: ReverieConfig, subject: Subject, latents: Sequence[int], stat
             from reverie.stages.features import decoder_neighbours
 
             state.hn_ids = decoder_neighbours(subject.sae, list(latents), s.hard_negative_neighbours)[0]
-    body0 = _body0(subject)
+    body0 = subject.n_bos
     pad = subject.tokenizer.pad_token_id or 0
     stream = _context_stream(cfg, subject, state, documents or configured_documents(cfg))
     bar = tqdm(total=s.max_tokens, initial=min(state.tokens_seen, s.max_tokens), unit="tok", unit_scale=True,
