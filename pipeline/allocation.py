@@ -16,10 +16,19 @@ spread of the best activation over a target's seeds.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reverie.pipeline.store import Store
+
+if TYPE_CHECKING:
+    from reverie.pipeline.config import ReverieConfig
+    from reverie.sae_targets.loading import Subject
+    from reverie.sae_targets.selection import Target
+
+log = logging.getLogger("reverie.nightly")
 
 
 @dataclass
@@ -103,3 +112,63 @@ def seed_spread(store: Store, run_id: str, target_id: str) -> dict[str, Any] | N
         return None
     vals = [float(r["best"]) for r in rows]
     return {"seeds": len(vals), "min": min(vals), "max": max(vals)}
+
+
+def dataset_max(store: Store, scan_id: str | None) -> dict[int, float]:
+    """latent → its best matched-length dataset window fed alone (else its in-context max) in the scan."""
+    if not scan_id:
+        return {}
+    rows = store.fetch("SELECT latent, max_act, window_max FROM scan_latents WHERE scan_id = ?", [scan_id])
+    return {int(r["latent"]): float(r["window_max"] if r.get("window_max") is not None else r["max_act"])
+            for r in rows if (r.get("window_max") is not None or r.get("max_act") is not None)}
+
+
+def run_extra_seeds(cfg: ReverieConfig, subject: Subject, store: Store, run_id: str, targets: list[Target], scan_id: str,
+                    t0: float) -> int:
+    """Spend what is left of ``run.budget_s`` on extra EPO seeds, most in need first
+    (:func:`plan_extra_seeds`); a unit starts only if the time used
+    plus the longest dream unit so far fits the budget, so the run ends within the budget plus
+    one unit. Every planned unit is recorded in ``extra_seeds`` with its reason. Runs once per
+    run id (a resume does not plan again).
+
+    Returns:
+        How many extra seeds ran.
+    """
+    from reverie.pipeline.executors import dream_unit
+    from reverie.pipeline.signals import check_interrupt
+    from reverie.stages.dream import write_dream
+
+    if store.fetch_one("SELECT 1 AS x FROM extra_seeds WHERE run_id = ? LIMIT 1", [run_id]):
+        return 0
+    budget = float(cfg.run.budget_s)
+    plan, skipped = plan_extra_seeds(store, run_id, [t.target_id for t in targets], cfg.run.improving_min, cfg.run.max_extra_seeds)
+    with store.transaction():
+        for tid, why in skipped:
+            record(store, run_id, None, tid, "skipped", why)
+    walls = [float(r["wall_s"] or 0.0) for r in store.fetch("SELECT wall_s FROM units WHERE run_id = ? AND stage = 'dream' AND status = 'done'", [run_id])]
+    unit_s = max(walls) if walls else 0.0
+    by_id = {t.target_id: t for t in targets}
+    dmax = dataset_max(store, scan_id)
+    ran = 0
+    for e in plan:
+        check_interrupt()
+        used = time.time() - t0
+        if used + unit_s > budget:
+            record(store, run_id, e, e.target_id, "budget", f"{e.reason}; no time left ({used:.0f} s of {budget:.0f} s used)")
+            continue
+        ecfg = cfg.model_copy(update={"dream": cfg.dream.model_copy(update={"seeds": [e.seed]})})
+        t1 = time.perf_counter()
+        res = dream_unit(ecfg, subject, [by_id[e.target_id]], dmax)[0]
+        wall = time.perf_counter() - t1
+        if isinstance(res, Exception):
+            record(store, run_id, e, e.target_id, "failed", f"{e.reason}; {type(res).__name__}: {res}", wall)
+            continue
+        with store.transaction():
+            for r in res:
+                write_dream(store, run_id, by_id[e.target_id], r)
+            record(store, run_id, e, e.target_id, "done", e.reason, wall)
+        log.info("extra seed %d for %s (%s): %.1f s", e.seed, e.target_id, e.reason, wall)
+        unit_s = max(unit_s, wall)
+        ran += 1
+    return ran
+

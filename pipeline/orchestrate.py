@@ -1,17 +1,30 @@
-"""Orchestration: runs, their targets, and (issue 7) the nightly batch over every stage."""
+"""Orchestration: runs, their targets, and (issue 7) the nightly batch over every stage.
+
+The nightly's units and their ledger live in :mod:`pipeline.units`, the extra EPO seeds inside
+the wall budget in :mod:`pipeline.allocation`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import math
+import time
 import uuid
+from pathlib import Path
+from typing import Any
 
+from reverie.pipeline.allocation import dataset_max, run_extra_seeds
 from reverie.pipeline.config import ReverieConfig
 from reverie.pipeline.errors import StoreWriteError
 from reverie.pipeline.sae_identity import record_sae
 from reverie.pipeline.store import Store
+from reverie.pipeline.units import RUN_LEVEL, NightlySummary, UnitLedger, now_utc
 from reverie.sae_targets.loading import Subject
 from reverie.sae_targets.selection import Target
+
+log = logging.getLogger("reverie.nightly")
 
 
 def new_run_id(kind: str) -> str:
@@ -51,168 +64,9 @@ def record_targets(cfg: ReverieConfig, subject: Subject, targets: list[Target], 
     return run_id
 
 
-# --------------------------------------------------------------------------- nightly batch
-
-import logging
-import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-
-log = logging.getLogger("reverie.nightly")
-
-STAGES = ("targets", "scan", "dream", "compare", "explain", "report", "atlas")
-RUN_LEVEL = "*"  # target_id of units that cover the whole run
-
-
-@dataclass
-class NightlySummary:
-    """What a nightly run did. ``exit_code`` is 1 when any unit failed.
-
-    ``wall_s`` is this session's seconds, ``total_wall_s`` the run's over every session (resumes
-    add up). ``skipped_units`` maps a stage to the target ids of its units that were already
-    done and not rerun ('*' = a run-level unit). ``report_reused``: the report's inputs did not
-    change since it was last rendered, so it was not rendered again.
-    """
-
-    run_id: str
-    done: int = 0
-    failed: int = 0
-    skipped: int = 0
-    wall_s: float = 0.0
-    total_wall_s: float = 0.0
-    index_html: Path | None = None
-    log_file: Path | None = None
-    frac_beats: float | None = None
-    frac_beats_in_dist: float | None = None
-    n_dominates: int | None = None          # single latents where a dream dominates the dataset's best window
-    n_dominance_known: int | None = None    # single latents with both dreams and matched dataset windows
-    failures: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    skipped_units: dict[str, list[str]] = field(default_factory=dict)
-    report_reused: bool = False
-    atlas_html: Path | None = None
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-
 def default_run_id() -> str:
     """'nightly-YYYYmmdd' (UTC date)."""
     return f"nightly-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d')}"
-
-
-import errno as _errno
-
-_DISK_ERRNOS = {_errno.ENOSPC, _errno.EROFS, getattr(_errno, "EDQUOT", _errno.ENOSPC)}
-
-
-class UnitLedger:
-    """Reads and writes the ``units`` table of one run (through the store)."""
-
-    def __init__(self, store: Store, run_id: str, summary: NightlySummary):
-        self.store, self.run_id, self.summary = store, run_id, summary
-        self.ran: set[tuple[str, str]] = set()  # (target_id, stage) of units run or recorded in this session
-
-    def done_units(self) -> dict[str, list[str]]:
-        """Stage → target ids of this run's units whose status is 'done' (stage order of STAGES)."""
-        rows = self.store.fetch("SELECT stage, target_id FROM units WHERE run_id = ? AND status = 'done' ORDER BY stage, target_id", [self.run_id])
-        out: dict[str, list[str]] = {}
-        for r in rows:
-            out.setdefault(r["stage"], []).append(r["target_id"])
-        return dict(sorted(out.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else len(STAGES)))
-
-    def status(self, target_id: str, stage: str) -> str | None:
-        row = self.store.fetch_one("SELECT status FROM units WHERE run_id = ? AND target_id = ? AND stage = ?", [self.run_id, target_id, stage])
-        return row["status"] if row else None
-
-    def is_done(self, target_id: str, stage: str) -> bool:
-        return self.status(target_id, stage) == "done"
-
-    def record(self, target_id: str, stage: str, status: str, started: dt.datetime, error: str | None = None,
-               wall_s: float | None = None) -> None:
-        """Write one unit's row (joins the caller's transaction, if any).
-
-        Args:
-            status: 'done' | 'failed' | 'skipped'.
-            started: when the unit started (naive UTC).
-            error: 'ExceptionType: message' of a failed unit (or why it was skipped).
-            wall_s: the unit's compute time in seconds (e.g. measured by the executor); None =
-                from ``started`` to now.
-        """
-        ended = now_utc()
-        self.ran.add((target_id, stage))
-        self.store.replace("units", {"run_id": self.run_id, "target_id": target_id, "stage": stage}, [{
-            "run_id": self.run_id, "target_id": target_id, "stage": stage, "status": status,
-            "started_at": started, "ended_at": ended, "wall_s": (ended - started).total_seconds() if wall_s is None else float(wall_s),
-            "error": error,
-        }])
-        log.info("unit %s %s: %s%s", stage, target_id, status, f" ({error})" if error else "")
-        if status == "done":
-            self.summary.done += 1
-        elif status == "failed":
-            self.summary.failed += 1
-            self.summary.failures.append(f"{stage} {target_id}: {error}")
-        else:
-            self.summary.skipped += 1
-
-    def run(self, target_id: str, stage: str, fn: Callable[[], Any], atomic: bool = True,
-            wall_s: float | None = None) -> tuple[bool, Any]:
-        """Run ``fn`` as one unit. ``atomic``: its writes and the unit row commit together, or
-        neither does. Stages that commit their own progress (the scan's checkpoints, the LLM
-        response cache) run with ``atomic=False`` so a kill keeps that progress; a signal stops
-        them at once (:func:`pipeline.signals.interruptible`).
-
-        The unit's recorded wall time is ``fn``'s own time (its compute; the unit row's write is
-        not counted), or ``wall_s`` when given (compute done elsewhere, e.g. by an executor).
-
-        Returns:
-            ``(True, fn's value)``, or ``(False, None)`` when ``fn`` raised (recorded 'failed').
-        Raises:
-            Interrupted: a signal arrived before or during the unit (nothing of the unit is
-                recorded, so a rerun does it again); KeyboardInterrupt and DuckDB's "Query
-                interrupted" are re-raised as ``Interrupted``, never recorded as failures.
-            StoreWriteError: the database (or, from an ``OSError`` ENOSPC / EROFS / EDQUOT, any
-                file such as a report) cannot be written: fatal for the run, raised without
-                recording the unit (that write would fail too).
-        """
-        from reverie.pipeline.signals import as_interrupted, check_interrupt, interruptible, is_interrupt
-
-        check_interrupt()
-        started = now_utc()
-        t0 = time.perf_counter()
-        try:
-            if atomic:
-                with self.store.transaction():
-                    out = fn()
-                    took = time.perf_counter() - t0
-                    self.record(target_id, stage, "done", started, wall_s=took if wall_s is None else wall_s)
-            else:
-                with interruptible():
-                    out = fn()
-                took = time.perf_counter() - t0
-                self.record(target_id, stage, "done", started, wall_s=took if wall_s is None else wall_s)
-            return True, out
-        except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - a failing unit never stops the batch
-            if is_interrupt(e):
-                log.warning("%s unit %s interrupted", stage, target_id)
-                raise as_interrupted(e) from None
-            if isinstance(e, StoreWriteError):
-                raise
-            if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:  # a full or read-only disk fails every later unit too
-                from reverie.pipeline.store import write_failure
-
-                where = e.filename or (self.store.project_dir / ("reports" if stage == "report" else ""))
-                raise write_failure(where, e) from None
-            log.exception("%s unit %s failed", stage, target_id)
-            self.record(target_id, stage, "failed", started, f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
-            return False, None
-
-
-def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 def _check_finite(results: list[Any]) -> None:
@@ -220,66 +74,6 @@ def _check_finite(results: list[Any]) -> None:
         vals = [p.activation for p in getattr(r, "frontier", [])] + [p.ce for p in getattr(r, "frontier", [])]
         if not vals or any(not math.isfinite(v) for v in vals):
             raise FloatingPointError("the objective or CE is NaN/inf or the frontier is empty; check the objective and the SAE weights")
-
-
-def _dataset_max(store: Store, scan_id: str | None) -> dict[int, float]:
-    """latent → its best matched-length dataset window fed alone (else its in-context max) in the scan."""
-    if not scan_id:
-        return {}
-    rows = store.fetch("SELECT latent, max_act, window_max FROM scan_latents WHERE scan_id = ?", [scan_id])
-    return {int(r["latent"]): float(r["window_max"] if r.get("window_max") is not None else r["max_act"])
-            for r in rows if (r.get("window_max") is not None or r.get("max_act") is not None)}
-
-
-def _extra_seeds(cfg: ReverieConfig, subject: Subject, store: Store, run_id: str, targets: list[Target], scan_id: str,
-                 t0: float) -> int:
-    """Spend what is left of ``run.budget_s`` on extra EPO seeds, most in need first
-    (:func:`reverie.pipeline.allocation.plan_extra_seeds`); a unit starts only if the time used
-    plus the longest dream unit so far fits the budget, so the run ends within the budget plus
-    one unit. Every planned unit is recorded in ``extra_seeds`` with its reason. Runs once per
-    run id (a resume does not plan again).
-
-    Returns:
-        How many extra seeds ran.
-    """
-    from reverie.pipeline.allocation import plan_extra_seeds, record
-    from reverie.pipeline.executors import dream_unit
-    from reverie.pipeline.signals import check_interrupt
-    from reverie.stages.dream import write_dream
-
-    if store.fetch_one("SELECT 1 AS x FROM extra_seeds WHERE run_id = ? LIMIT 1", [run_id]):
-        return 0
-    budget = float(cfg.run.budget_s)
-    plan, skipped = plan_extra_seeds(store, run_id, [t.target_id for t in targets], cfg.run.improving_min, cfg.run.max_extra_seeds)
-    with store.transaction():
-        for tid, why in skipped:
-            record(store, run_id, None, tid, "skipped", why)
-    walls = [float(r["wall_s"] or 0.0) for r in store.fetch("SELECT wall_s FROM units WHERE run_id = ? AND stage = 'dream' AND status = 'done'", [run_id])]
-    unit_s = max(walls) if walls else 0.0
-    by_id = {t.target_id: t for t in targets}
-    dmax = _dataset_max(store, scan_id)
-    ran = 0
-    for e in plan:
-        check_interrupt()
-        used = time.time() - t0
-        if used + unit_s > budget:
-            record(store, run_id, e, e.target_id, "budget", f"{e.reason}; no time left ({used:.0f} s of {budget:.0f} s used)")
-            continue
-        ecfg = cfg.model_copy(update={"dream": cfg.dream.model_copy(update={"seeds": [e.seed]})})
-        t1 = time.perf_counter()
-        res = dream_unit(ecfg, subject, [by_id[e.target_id]], dmax)[0]
-        wall = time.perf_counter() - t1
-        if isinstance(res, Exception):
-            record(store, run_id, e, e.target_id, "failed", f"{e.reason}; {type(res).__name__}: {res}", wall)
-            continue
-        with store.transaction():
-            for r in res:
-                write_dream(store, run_id, by_id[e.target_id], r)
-            record(store, run_id, e, e.target_id, "done", e.reason, wall)
-        log.info("extra seed %d for %s (%s): %.1f s", e.seed, e.target_id, e.reason, wall)
-        unit_s = max(unit_s, wall)
-        ran += 1
-    return ran
 
 
 def _stored_targets(store: Store, run_id: str) -> list[Target]:
@@ -414,7 +208,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             changed = True
             from reverie.pipeline.executors import make_executor
 
-            executor = make_executor(cfg, subject, _dataset_max(store, scan_id))
+            executor = make_executor(cfg, subject, dataset_max(store, scan_id))
             log.info("dreaming %d targets on the %s executor (batched EPO)", len(todo), executor.name)
             from tqdm import tqdm
 
@@ -442,7 +236,7 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
             ok, rows = ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))
         # extra seeds inside the wall budget (issue 15 §3), then compare again --------------
         if scan_id and cfg.run.budget_s and cfg.run.max_extra_seeds > 0 and targets:
-            if _extra_seeds(cfg, subject, store, run_id, targets, scan_id, t0):
+            if run_extra_seeds(cfg, subject, store, run_id, targets, scan_id, t0):
                 from reverie.stages.compare import run_compare
 
                 ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))

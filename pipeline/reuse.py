@@ -132,7 +132,7 @@ def reuse_dreams(cfg: ReverieConfig, subject: "Subject", store: Store, ledger: A
     dreamed gets those rows as its 'dream' unit (compute 0 s); the others are returned to be dreamed.
 
     Args:
-        ledger: the run's :class:`pipeline.orchestrate.UnitLedger`.
+        ledger: the run's :class:`pipeline.units.UnitLedger`.
     Returns:
         The targets still to dream (all of ``todo`` when ``run.reuse_dreams`` is false).
     """
