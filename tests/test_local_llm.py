@@ -268,7 +268,7 @@ DEMO = {
 }
 # small samples so 2 CPU cores finish in minutes: 4 examples shown, 4 + 4 held out, one batch each
 EXPLAIN_SETS = ["explain.enabled=true", "explain.n_examples=4", "explain.n_holdout=4", "explain.n_holdout_negative=4",
-                "explain.detection_batch=8", "explain.max_completion_tokens=48", "explain.ci_bootstrap=200", "explain.fuzzing=false",
+                "explain.detection_batch=8", "explain.max_completion_tokens=32", "explain.ci_bootstrap=200", "explain.fuzzing=false",
                 "explain.max_retries=1"]
 
 

@@ -29,11 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from reverie.pipeline.errors import ReverieError
@@ -159,6 +159,9 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             proc.wait()
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through $http_proxy
+
+
 def wait_ready(proc: subprocess.Popen, base_url: str, api_key: str, timeout_s: float, output: Path) -> list[str]:
     """Poll ``GET {base_url}/models`` until it answers 200 (every 0.25 s, at most ``timeout_s`` seconds).
 
@@ -171,13 +174,13 @@ def wait_ready(proc: subprocess.Popen, base_url: str, api_key: str, timeout_s: f
     def probe() -> list[str]:
         if proc.poll() is not None:
             raise _ServerFailed(f"the local LLM server exited with code {proc.returncode} before answering; its output ends:\n{_tail(output)}")
+        request = urllib.request.Request(f"{base_url}/models", headers={"Authorization": f"Bearer {api_key}"})
         try:
-            r = httpx.get(f"{base_url}/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5.0)
-        except httpx.HTTPError as e:
+            with _DIRECT.open(request, timeout=5.0) as r:
+                body = json.loads(r.read().decode("utf-8"))
+        except (OSError, ValueError) as e:  # refused, reset, timeout, HTTP error status (URLError/HTTPError), not JSON yet
             raise _NotReady(f"{type(e).__name__}: {e}") from None
-        if r.status_code != 200:
-            raise _NotReady(f"HTTP {r.status_code}")
-        return [str(m.get("id")) for m in r.json().get("data", [])]
+        return [str(m.get("id")) for m in body.get("data", [])] if isinstance(body, dict) else []
 
     try:
         for attempt in Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(0.25), retry=retry_if_exception_type(_NotReady), reraise=True):
