@@ -16,8 +16,6 @@ the whole (:class:`ReverieConfig`), loading and TOML output.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +26,7 @@ from reverie.pipeline.config_inputs import CorpusConfig, ModelConfig, ProjectCon
 from reverie.pipeline.config_stages import (CompareConfig, DreamConfig, EPOConfig, ExplainConfig, ReportConfig, RunConfig,
                                             ScanConfig)
 from reverie.pipeline.errors import ConfigError
+from reverie.pipeline.hashing import content_key
 
 # re-exported: imported from reverie.pipeline.config elsewhere (stages, sae_targets, tests, reverie.EPOConfig)
 __all__ = ["CompareConfig", "CorpusConfig", "DreamConfig", "EPOConfig", "ExplainConfig", "ModelConfig", "ReverieConfig",
@@ -74,7 +73,7 @@ class ReverieConfig(Section):
         data = self.to_toml_dict()
         if sections:
             data = {s: data[s] for s in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return content_key(data)
 
 
 def _format_validation_error(err: ValidationError, source: str, overridden: tuple[str, ...] = ()) -> str:
