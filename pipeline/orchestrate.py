@@ -230,15 +230,13 @@ def run_nightly(cfg: ReverieConfig, run_id: str | None = None) -> NightlySummary
                 ledger.run(target.target_id, "dream", write, wall_s=sum(r.wall_s for r in results))
 
         # compare ---------------------------------------------------------------
-        if scan_id and (changed or not ledger.is_done(RUN_LEVEL, "compare")):
-            from reverie.stages.compare import run_compare
+        from reverie.stages.compare import run_compare
 
+        if scan_id and (changed or not ledger.is_done(RUN_LEVEL, "compare")):
             ok, rows = ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))
         # extra seeds inside the wall budget (issue 15 §3), then compare again --------------
         if scan_id and cfg.run.budget_s and cfg.run.max_extra_seeds > 0 and targets:
             if run_extra_seeds(cfg, subject, store, run_id, targets, scan_id, t0):
-                from reverie.stages.compare import run_compare
-
                 ledger.run(RUN_LEVEL, "compare", lambda: run_compare(cfg, store, run_id, scan_id))
         s = store.fetch_one("SELECT frac_beats, frac_beats_in_dist, n_dominates, n_dominance_known FROM compare_summary WHERE run_id = ?", [run_id])
         if s:

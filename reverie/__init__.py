@@ -4,7 +4,7 @@ the dataset's max-activating examples.
 Library use, on a model and SAE already in memory (no store, no config file)::
 
     import reverie
-    result = reverie.dream(model, sae, 1039, seeds=[0, 1])      # HookedTransformer + sae-lens SAE
+    result = reverie.dream(model, sae, 1039, seeds=[0, 1])      # HookedTransformer or TransformerBridge + sae-lens SAE
     result.frontier_table()[:3]                                 # most fluent first
     result.plot()                                               # activation vs CE (paper Fig. 3)
     scan = reverie.scan(model, sae, 1039, texts)                # max-activating examples of a list of texts
@@ -56,7 +56,7 @@ def dream(model: Any, sae: Any, latents: int | Sequence[int], config: Any = None
     """Dream (EPO) on latents of an SAE over an already-loaded model.
 
     Args:
-        model: a transformer_lens ``HookedTransformer`` (the SAE's hook point must exist in it).
+        model: a transformer_lens ``HookedTransformer``, or a ``TransformerBridge`` in compatibility mode (the SAE's hook point must exist in it).
         sae: a sae-lens ``SAE`` (or an object shaped like one: ``cfg.metadata.hook_name``,
             ``W_enc``, ``encode``).
         latents: one latent id → its result; several ids → one result per latent, dreamed as one

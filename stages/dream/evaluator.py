@@ -169,26 +169,17 @@ class PromptEvaluator(TokenGradients):
 
         Returns ``(acts [B, L, d_in], final_resid [B, L, d_model], kv or None)``.
         """
-        if self.lean is not None:
-            hook = None
-            if onehot is not None:
-                j0, n, W_E = self.P - start, self.n, self.model.W_E
-
-                def hook(e):
-                    sub = onehot.to(W_E.dtype) @ W_E
-                    return torch.cat([e[:, :j0], e[:, j0:j0 + n] + (sub - sub.detach()), e[:, j0 + n:]], dim=1)
-            return self.lean.run(tail, start, past, record_kv, hook)
         embed_hook = None
         if onehot is not None:
-            j0, n = self.P - start, self.n
-            W_E = self.model.W_E
+            j0, n, W_E = self.P - start, self.n, self.model.W_E
 
             def embed_hook(e):
                 sub = onehot.to(W_E.dtype) @ W_E
                 # forward value unchanged; gradient flows to the one-hot (paper §2 step 2a)
                 return torch.cat([e[:, :j0], e[:, j0:j0 + n] + (sub - sub.detach()), e[:, j0 + n:]], dim=1)
 
-        return self.tail.run(tail, start, past, record_kv, embed_hook)
+        forward = self.lean if self.lean is not None else self.tail
+        return forward.run(tail, start, past, record_kv, embed_hook)
 
     def per_token(self, acts: torch.Tensor, group: np.ndarray) -> torch.Tensor:
         """Objective of each row's group at every position: [B, L, d_in] → [B, L] float32."""
