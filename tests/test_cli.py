@@ -75,7 +75,7 @@ def test_unknown_config_key_is_a_clean_error(tmp_path):
 def test_debug_keeps_the_exception_chain_and_plain_errors_stay_one_line(monkeypatch):
     """A ReverieError raised `from None` over a library error: one line without --debug; with
     --debug the full traceback, the hidden cause included."""
-    import reverie.pipeline.cli as cli
+    import reverie.pipeline.cli_project as cli  # config show lives there
     from reverie.pipeline.errors import ConfigError
 
     def broken(*a, **k):

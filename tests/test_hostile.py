@@ -371,7 +371,7 @@ def test_sae_without_cfg_json_and_model_without_config_json_say_how_to_fix(tmp_p
 def test_error_text_is_escaped_and_tracebacks_only_with_debug(tmp_path, monkeypatch):
     r = runner.invoke(app, ["targets", "--config", str(DEMO_CONFIG), "--set", "model.path=/nonexistent/\x1b[31mred\x07"])
     assert r.exit_code == 2 and "\x1b" not in r.output and "\x07" not in r.output and "\\u001b[31mred\\u0007" in r.output
-    import reverie.pipeline.cli as cli
+    import reverie.pipeline.cli_project as cli  # config show lives there
 
     def broken(*a, **k):
         raise RuntimeError("something unexpected")
