@@ -181,6 +181,12 @@ def test_cli_local_points_the_stage_at_the_server(tmp_path, monkeypatch, keep_to
         posts = fake.completions
         assert posts and all(r.authorization == "Bearer local-key-123" for r in posts)
         assert all(r.body["model"] == "smol-test" and "max_tokens" in r.body and "max_completion_tokens" not in r.body for r in posts)
+        # scoring requests carry the labels schema in llama-cpp-python's form; explanation requests stay free text
+        formats = [r.body.get("response_format") for r in posts]
+        assert any(f is None for f in formats) and any(f is not None for f in formats)
+        for f in filter(None, formats):
+            labels = f["schema"]["properties"]["labels"]
+            assert f["type"] == "json_object" and labels["items"]["enum"] == [0, 1] and labels["minItems"] == labels["maxItems"] >= 1
         assert os.environ.get(LOCAL_KEY_ENV) is None
         res = CliRunner().invoke(app, ["explain", "--local", "--base-url", "http://x", "--project-dir", str(project_dir)])
         assert res.exit_code == 2 and "--local starts its own server" in res.output
@@ -207,6 +213,22 @@ def test_prose_and_echoed_instructions_are_no_labels(answer, n):
 
     with pytest.raises(ParseError):
         parse_labels(answer, n)
+
+
+def test_labels_response_format_styles():
+    """'text' sends nothing; the two schema styles constrain the answer to exactly n 0/1 labels, which
+    parse_labels reads (a server that ignores the field is read as free text)."""
+    from reverie.stages.explain.prompts import labels_response_format, parse_labels
+
+    assert labels_response_format(3, "text") is None
+    openai_style, llama_style = labels_response_format(3, "json_schema"), labels_response_format(3, "llama_cpp_schema")
+    assert openai_style["type"] == "json_schema" and openai_style["json_schema"]["strict"] is True
+    assert llama_style["type"] == "json_object" and llama_style["schema"] == openai_style["json_schema"]["schema"]
+    labels = llama_style["schema"]["properties"]["labels"]
+    assert (labels["minItems"], labels["maxItems"], labels["items"]["enum"]) == (3, 3, [0, 1])
+    assert parse_labels('{ "labels": [1, 0, 1] }', 3) == [True, False, True]
+    with pytest.raises(ValueError, match="label_format"):
+        labels_response_format(3, "xml")
 
 
 def test_bare_labels_still_read():

@@ -251,13 +251,17 @@ class LLMClient:
         if ids and self.cfg.model not in ids:
             log.warning("model %r is not among the %d models the endpoint lists", self.cfg.model, len(ids))
 
-    async def complete(self, messages: list[dict[str, str]], purpose: str, target_id: str | None = None) -> Completion:
+    async def complete(self, messages: list[dict[str, str]], purpose: str, target_id: str | None = None,
+                       response_format: dict[str, Any] | None = None) -> Completion:
         """One chat completion, from the cache when possible.
 
         Args:
             messages: ``[{"role": ..., "content": ...}, ...]``.
             purpose: what the call is for (stored in ``llm_calls``).
             target_id: the target it serves (stored in ``llm_calls``).
+            response_format: the request's ``response_format`` (e.g.
+                :func:`stages.explain.prompts.labels_response_format`), part of the cache key; None
+                sends none (and keeps the keys of earlier answers).
         Returns:
             The answer text and its usage (tokens; prompt tokens estimated as chars/4 when the
             endpoint reports no usage).
@@ -268,7 +272,8 @@ class LLMClient:
                 (e.g. 400); the message is redacted.
         """
         model = self.cfg.model
-        key = cache_key(model, messages, self.params)
+        params = self.params if response_format is None else {**self.params, "response_format": response_format}
+        key = cache_key(model, messages, params)
         t0 = time.perf_counter()
         hit = self.cache.get(key)
         if hit is not None:
@@ -297,7 +302,7 @@ class LLMClient:
                 async for attempt in retrying:
                     with attempt:
                         attempts += 1
-                        response = await self._client.chat.completions.create(model=model, messages=messages, **self.params)
+                        response = await self._client.chat.completions.create(model=model, messages=messages, **params)
                         if not response.choices or response.choices[0].message is None or response.choices[0].message.content is None:
                             raise BadResponse("the answer has no choices or no message content")
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:

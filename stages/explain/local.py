@@ -261,8 +261,9 @@ def local_llm(n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, timeout_
 
 LOCAL_KEY_ENV = "REVERIE_LOCAL_LLM_KEY"
 # [explain] settings for the local server that a --set of the same key overrides: one request at a
-# time (the server answers one after the other anyway), long timeouts (CPU), no cost
-LOCAL_DEFAULTS = {"explain.max_concurrency": 1, "explain.timeout_s": 600.0, "explain.price_per_mtok_in": 0.0, "explain.price_per_mtok_out": 0.0}
+# time (the server answers one after the other anyway), long timeouts (CPU), no cost, and scoring
+# labels constrained by the server's JSON-schema grammar (SmolLM2-135M rarely writes readable free-text labels)
+LOCAL_DEFAULTS = {"explain.label_format": "llama_cpp_schema", "explain.max_concurrency": 1, "explain.timeout_s": 600.0, "explain.price_per_mtok_in": 0.0, "explain.price_per_mtok_out": 0.0}
 
 
 def local_overrides(server: LocalServer) -> tuple[dict[str, object], dict[str, object]]:

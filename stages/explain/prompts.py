@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 from reverie.stages.explain.inputs import Example
 
@@ -153,6 +153,31 @@ def explanation_messages(dataset: Sequence[Example], dreams: Sequence[Example], 
             parts.append(f"{header}\n\n{body}")
     parts.append("Reply with one line: Explanation: <one sentence>.")
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def labels_response_format(n: int, style: str) -> dict[str, Any] | None:
+    """The ``response_format`` that constrains a scorer's answer to ``{"labels": [n × 0|1]}``.
+
+    Args:
+        n: labels wanted (the batch size).
+        style: ``explain.label_format``: 'text' (no constraint), 'json_schema' (OpenAI structured
+            outputs, also vLLM), 'llama_cpp_schema' (llama-cpp-python's ``json_object`` + ``schema``,
+            which it compiles to a grammar).
+    Returns:
+        The request field, or None for 'text'. The answer still goes through :func:`parse_labels`
+        (the bracketed list is its first rule), so a server that ignores the field is read as text.
+    Raises:
+        ValueError: an unknown style.
+    """
+    if style == "text":
+        return None
+    schema = {"type": "object", "additionalProperties": False, "required": ["labels"],
+              "properties": {"labels": {"type": "array", "items": {"type": "integer", "enum": [0, 1]}, "minItems": n, "maxItems": n}}}
+    if style == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "labels", "strict": True, "schema": schema}}
+    if style == "llama_cpp_schema":
+        return {"type": "json_object", "schema": schema}
+    raise ValueError(f"unknown explain.label_format {style!r}; use 'text', 'json_schema' or 'llama_cpp_schema'")
 
 
 def detection_messages(explanation: str, texts: Sequence[str]) -> list[Message]:

@@ -38,7 +38,8 @@ from reverie.pipeline.lookup import latest_run, scan_for
 from reverie.pipeline.store import Store, now
 from reverie.stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
 from reverie.stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
-from reverie.stages.explain.prompts import ParseError, check_answer, detection_messages, explanation_messages, parse_explanation, parse_labels
+from reverie.stages.explain.prompts import (ParseError, check_answer, detection_messages, explanation_messages, labels_response_format,
+                                            parse_explanation, parse_labels)
 from reverie.stages.explain.scoring import DetectionMetrics, detection_metrics
 from reverie.stages.explain.fuzzing import fuzz_items, fuzz_messages
 from reverie.stages.explain.uncertainty import score_intervals
@@ -222,7 +223,8 @@ class _Stage:
         build = detection_messages if scorer == "detection" else fuzz_messages
 
         async def label(batch: list[tuple[str, bool]]) -> list[bool]:
-            c = await self.client.complete(build(scored.text, [t for t, _ in batch]), what, inp.target_id)
+            c = await self.client.complete(build(scored.text, [t for t, _ in batch]), what, inp.target_id,
+                                           labels_response_format(len(batch), self.cfg.explain.label_format))
             return parse_labels(check_answer(c.text, c.answer_chars, self.cfg.explain.max_answer_chars), len(batch))
 
         outcomes = await asyncio.gather(*(self.guarded(inp.target_id, f"{what} batch {i}", label(b)) for i, b in enumerate(batches)))
