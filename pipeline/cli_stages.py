@@ -52,7 +52,7 @@ def explain(
     """
     from reverie.pipeline.store import Store
     from reverie.stages.explain import explain_available, run_explain
-    from reverie.stages.explain.stage import score_table
+    from reverie.stages.explain.store import score_table
 
     check_run_option(run)
     model = deprecated_alias(model, model_old, "--model", "--explainer-model")

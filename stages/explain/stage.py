@@ -12,8 +12,8 @@ For every target of a run (table ``targets``):
    has one and shares no latent with this one) scored on this target's held-out sets, with the same example order, so a score can be
    read against chance-with-a-plausible-explanation.
 
-Compute (:func:`compute_explain`, async, returns an :class:`ExplainResult`) is split from writing
-(:func:`write_explain`). Failures of one target are recorded in ``explain_failures`` and the others
+Compute (:func:`compute_explain`, async, returns an :class:`~stages.explain.results.ExplainResult`) is
+split from writing (:func:`stages.explain.store.write_explain`). Failures of one target are recorded in ``explain_failures`` and the others
 finish. LLM answers are untrusted: an empty, refused or over-long answer (:func:`stages.explain.prompts.check_answer`)
 is a failure, never an explanation, so it is neither scored nor used as another target's baseline;
 an answer is stored once (capped, in ``llm_cache``); a budget cap or a refused key stops the stage cleanly with a message.
@@ -26,7 +26,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any, Awaitable
 
 from tqdm.auto import tqdm
@@ -35,12 +34,14 @@ from reverie.pipeline.config import ReverieConfig
 from reverie.pipeline.errors import ReverieError
 from reverie.pipeline.hashing import content_seed
 from reverie.pipeline.lookup import latest_run, scan_for
-from reverie.pipeline.store import Store, now
-from reverie.stages.explain.client import Budget, CallRecord, LLMClient, LLMError, StageStop, StoreCache, redact
+from reverie.pipeline.store import Store
+from reverie.stages.explain.client import Budget, LLMClient, LLMError, StageStop, StoreCache, redact
 from reverie.stages.explain.inputs import Example, HeldOut, TargetInputs, load_inputs, spread
 from reverie.stages.explain.prompts import (ParseError, check_answer, detection_messages, explanation_messages, labels_response_format,
                                             parse_explanation, parse_labels)
-from reverie.stages.explain.scoring import DetectionMetrics, detection_metrics
+from reverie.stages.explain.results import ExplainResult, ExplainSummary, Explanation, Failure, Score
+from reverie.stages.explain.scoring import detection_metrics
+from reverie.stages.explain.store import prior_spend, write_explain
 from reverie.stages.explain.fuzzing import fuzz_items, fuzz_messages
 from reverie.stages.explain.uncertainty import score_intervals
 
@@ -49,86 +50,6 @@ log = logging.getLogger("reverie.explain")
 SOURCES = ("dataset", "dreams", "both")
 HOLDOUT_SETS = ("dataset", "dreams")
 OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
-
-
-# ---------------------------------------------------------------------------- results
-@dataclass
-class Explanation:
-    """One drafted explanation (a row of ``explanations``)."""
-
-    explanation_id: str
-    target_id: str
-    source: str
-    text: str
-    raw_text: str | None  # None: the whole answer is stored once, in llm_cache (key = prompt_hash)
-    prompt_hash: str
-    n_dataset: int
-    n_dreams: int
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class Score:
-    """Detection metrics of one explanation (or its baseline) on one held-out set."""
-
-    target_id: str
-    explanation_id: str
-    scored_explanation_id: str
-    holdout_set: str
-    baseline: bool
-    metrics: DetectionMetrics
-    scorer: str = "detection"                 # 'detection' | 'fuzzing' (delphi)
-    intervals: dict[str, tuple[float | None, float | None, str]] = field(default_factory=dict)  # metric -> 95% CI (lo, hi, method)
-    wanted: tuple[int, int] = (0, 0)          # held-out (activating, non-activating) the settings asked for
-    n_hard_neg: int = 0                       # labelled negatives from hard-negative contexts
-    n_requests: int = 0                       # scoring requests behind the values
-
-
-@dataclass
-class Failure:
-    """Something the stage could not do for a target ('*': the whole run), and why (redacted)."""
-
-    target_id: str
-    what: str
-    why: str
-
-
-@dataclass
-class ExplainResult:
-    """Everything :func:`compute_explain` produced for a run (plain data: picklable)."""
-
-    run_id: str
-    scan_id: str | None
-    model: str
-    n_targets: int
-    explanations: list[Explanation] = field(default_factory=list)
-    scores: list[Score] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-    calls: list[CallRecord] = field(default_factory=list)
-    stopped: str | None = None
-
-
-@dataclass
-class ExplainSummary:
-    """What :func:`run_explain` did, for the CLI and the nightly summary (tokens; cost in USD)."""
-
-    run_id: str | None
-    scan_id: str | None
-    model: str
-    skipped: bool
-    message: str
-    n_targets: int = 0
-    n_explanations: int = 0
-    n_scores: int = 0
-    n_failures: int = 0
-    n_requests: int = 0
-    n_cached: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    stopped: str | None = None
-    wall_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------- availability
@@ -330,64 +251,6 @@ async def compute_explain(cfg: ReverieConfig, inputs: list[TargetInputs], client
     return res
 
 
-# ---------------------------------------------------------------------------- writes
-def write_explain(store: Store, result: ExplainResult) -> None:
-    """Store a run's explanations, scores and failures (replacing the run's earlier rows) and
-    append its calls to ``llm_calls``, in one transaction."""
-    run_id, ts = result.run_id, now()
-    with store.transaction():
-        store.replace("explain_scores", {"run_id": run_id}, [
-            {"run_id": run_id, "target_id": s.target_id, "explanation_id": s.explanation_id, "scored_explanation_id": s.scored_explanation_id,
-             "holdout_set": s.holdout_set, "baseline": s.baseline, "metric": m, "value": float(v),
-             "n": s.metrics.n, "n_pos": s.metrics.n_pos, "n_neg": s.metrics.n_neg, "scorer": s.scorer,
-             "ci_low": s.intervals.get(m, (None,))[0], "ci_high": s.intervals.get(m, (None, None))[1],
-             "ci_method": s.intervals.get(m, (None, None, None))[2], "n_pos_wanted": s.wanted[0], "n_neg_wanted": s.wanted[1],
-             "n_hard_neg": s.n_hard_neg, "n_requests": s.n_requests}
-            for s in result.scores for m, v in s.metrics.as_dict().items()
-        ])
-        store.replace("explanations", {"run_id": run_id}, [
-            {"explanation_id": e.explanation_id, "run_id": run_id, "target_id": e.target_id, "source": e.source, "model": result.model,
-             "text": e.text, "raw_text": e.raw_text, "prompt_hash": e.prompt_hash, "n_dataset": e.n_dataset, "n_dreams": e.n_dreams,
-             "prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "created_at": ts}
-            for e in result.explanations
-        ])
-        store.replace("explain_failures", {"run_id": run_id}, [
-            {"run_id": run_id, "target_id": f.target_id, "what": f.what, "why": f.why, "created_at": ts} for f in result.failures
-        ])
-        store.insert("llm_calls", [
-            {"run_id": run_id, "target_id": c.target_id, "purpose": c.purpose, "key": c.key, "model": c.model, "cached": c.cached,
-             "attempts": c.attempts, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-             "cost_usd": c.cost_usd, "latency_s": c.latency_s, "created_at": c.created_at}
-            for c in result.calls
-        ])
-
-
-def _prior_spend(store: Store, run_id: str) -> tuple[int, float]:
-    row = store.fetch_one("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, coalesce(sum(cost_usd), 0) AS usd "
-                          "FROM llm_calls WHERE run_id = ? AND NOT cached", [run_id])
-    return int(row["tokens"]), float(row["usd"])
-
-
-def score_table(store: Store, run_id: str) -> list[dict[str, Any]]:
-    """One row per explanation of a run: target, source, text, and balanced accuracy on each
-    held-out set for the explanation and for its baseline (None where not scored)."""
-    return store.fetch(
-        """
-        SELECT e.target_id, e.source, e.text,
-               max(CASE WHEN s.holdout_set = 'dataset' AND NOT s.baseline THEN s.value END) AS dataset_ba,
-               max(CASE WHEN s.holdout_set = 'dataset' AND s.baseline THEN s.value END) AS dataset_ba_baseline,
-               max(CASE WHEN s.holdout_set = 'dreams' AND NOT s.baseline THEN s.value END) AS dreams_ba,
-               max(CASE WHEN s.holdout_set = 'dreams' AND s.baseline THEN s.value END) AS dreams_ba_baseline
-        FROM explanations e LEFT JOIN explain_scores s
-             ON s.explanation_id = e.explanation_id AND s.metric = 'balanced_accuracy'
-        WHERE e.run_id = ?
-        GROUP BY e.target_id, e.source, e.text
-        ORDER BY e.target_id, CASE e.source WHEN 'dataset' THEN 0 WHEN 'dreams' THEN 1 ELSE 2 END
-        """,
-        [run_id],
-    )
-
-
 # ---------------------------------------------------------------------------- entry point
 def run_explain(cfg: ReverieConfig, store: Store, run_id: str | None = None, scan_id: str | None = None) -> ExplainSummary:
     """Run the explain stage for a run and store its results.
@@ -414,7 +277,7 @@ def run_explain(cfg: ReverieConfig, store: Store, run_id: str | None = None, sca
     inputs = load_inputs(store, run_id, scan_id, e.n_examples, e.n_holdout, e.n_holdout_negative, e.hard_negative_share)
     if not inputs:
         raise ReverieError(f"run {run_id} has no targets; pass an existing --run or run `reverie targets` first")
-    tokens, usd = _prior_spend(store, run_id)
+    tokens, usd = prior_spend(store, run_id)
     key = os.environ[e.api_key_env]
     http_log = logging.getLogger("httpx2")
     if http_log.level == logging.NOTSET:  # one INFO line per request would drown the stage's own log
