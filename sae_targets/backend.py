@@ -121,6 +121,15 @@ class HookedTail:
     def __init__(self, model: Any, hook_name: str, last_hook: str, device: torch.device):
         self.model, self.hook_name, self.last_hook, self.device = model, hook_name, last_hook, device
 
+    def _hooks(self, store: dict[str, torch.Tensor], embed_hook: Callable[[torch.Tensor], torch.Tensor] | None) -> list[tuple[str, Callable]]:
+        """Forward hooks that put the hook activation and the last residual in ``store`` ('act',
+        'resid') and apply ``embed_hook`` at ``hook_embed``."""
+        hooks: list[tuple[str, Callable]] = [(self.hook_name, lambda x, hook: store.__setitem__("act", x)),
+                                             (self.last_hook, lambda x, hook: store.__setitem__("resid", x))]
+        if embed_hook is not None:
+            hooks.append(("hook_embed", lambda e, hook: embed_hook(e)))
+        return hooks
+
     def run(self, tail: torch.Tensor, start: int, past: KV | None, record_kv: bool = False,
             embed_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         """Forward ``tail`` (int64 [B, L], absolute positions start..start+L−1).
@@ -138,10 +147,7 @@ class HookedTail:
 
         B, L = tail.shape
         store: dict[str, torch.Tensor] = {}
-        hooks: list[tuple[str, Callable]] = [(self.hook_name, lambda x, hook: store.__setitem__("act", x)),
-                                             (self.last_hook, lambda x, hook: store.__setitem__("resid", x))]
-        if embed_hook is not None:
-            hooks.append(("hook_embed", lambda e, hook: embed_hook(e)))
+        hooks = self._hooks(store, embed_hook)
         kwargs: dict[str, Any] = {}
         cache = None
         if past is not None or record_kv:
@@ -195,10 +201,7 @@ class BridgeTail(HookedTail):
             raise RuntimeError("the bridge's key/value cache failed its check on this model; evaluate without prefix_cache")
         B, L = tail.shape
         store: dict[str, torch.Tensor] = {}
-        hooks: list[tuple[str, Callable]] = [(self.hook_name, lambda x, hook: store.__setitem__("act", x)),
-                                             (self.last_hook, lambda x, hook: store.__setitem__("resid", x))]
-        if embed_hook is not None:
-            hooks.append(("hook_embed", lambda e, hook: embed_hook(e)))
+        hooks = self._hooks(store, embed_hook)
         kwargs: dict[str, Any] = {}
         cache = None
         if past is not None or record_kv:
